@@ -1,0 +1,3 @@
+from dagster_taskiq_cancel.cli import main
+
+main()

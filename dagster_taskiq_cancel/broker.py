@@ -1,0 +1,157 @@
+"""CancellableSqsBroker: a small taskiq broker on SQS that never hoards and never busy-loops.
+
+Unlike taskiq-aio-sqs (which buffers up to 100 messages and long-polls 1 s at a time), ``listen``
+receives one message per request and only when taskiq's Receiver asks for the next one, which it
+does only when a delivery slot is free (``max_async_tasks + max_prefetch``). Every receive
+long-polls ``wait_time_seconds``. A failed SQS call is retried with backoff and logged once per
+outage instead of ending the listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aioboto3
+import botocore.exceptions
+from botocore.config import Config as BotoConfig
+from taskiq import AckableMessage, AsyncBroker, BrokerMessage
+
+from dagster_taskiq_cancel.queues import (
+    FIFO_SUFFIX,
+    QueueNames,
+    SqsError,
+    boto_client_kwargs,
+    describe_client_error,
+)
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.tasks import TASK_NAMES
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF_START = 0.5
+_BACKOFF_MAX = 10.0
+_SQS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
+
+
+class CancellableSqsBroker(AsyncBroker):
+    """The main, cancels and acks queues of one deployment, over one aioboto3 client."""
+
+    def __init__(self, settings: TaskiqCancelSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.names = QueueNames.from_setting(settings.queue_name)
+        self._urls: dict[str, str] = {}
+        self._client: Any = None
+        self._stack = contextlib.AsyncExitStack()
+        self._outage: str | None = None
+
+    async def startup(self) -> None:
+        """Open the client and resolve every queue URL, failing with what to change."""
+        await super().startup()
+        session = aioboto3.Session()
+        self._client = await self._stack.enter_async_context(
+            session.client(
+                "sqs",
+                config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=3, read_timeout=30),
+                **boto_client_kwargs(self.settings),
+            )
+        )
+        for name in self.names.all:
+            try:
+                response = await self._client.get_queue_url(QueueName=name)
+            except _SQS_ERRORS as exc:
+                raise SqsError(f"queue {name}: {describe_client_error(exc, self.settings)}") from exc
+            self._urls[name] = response["QueueUrl"]
+
+    async def shutdown(self) -> None:
+        await self._stack.aclose()
+        await super().shutdown()
+
+    async def kick(self, message: BrokerMessage) -> None:
+        await self.send(self.names.main, message.message.decode(), message.task_id, message.task_id)
+
+    async def send(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
+        kwargs: dict[str, Any] = {"QueueUrl": self._urls[name], "MessageBody": body}
+        if name.endswith(FIFO_SUFFIX):
+            kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
+        await self._client.send_message(**kwargs)
+
+    async def delete(self, name: str, receipt_handle: str) -> None:
+        await self._client.delete_message(QueueUrl=self._urls[name], ReceiptHandle=receipt_handle)
+
+    async def receive(
+        self, name: str, max_messages: int, visibility_timeout: int | None = None
+    ) -> list[dict[str, Any]]:
+        """One long poll; on an SQS error, back off and retry until it answers."""
+        kwargs: dict[str, Any] = {
+            "QueueUrl": self._urls[name],
+            "MaxNumberOfMessages": max_messages,
+            "WaitTimeSeconds": self.settings.wait_time_seconds,
+        }
+        if visibility_timeout is not None:
+            kwargs["VisibilityTimeout"] = visibility_timeout
+        backoff = _BACKOFF_START
+        while True:
+            try:
+                response = await self._client.receive_message(**kwargs)
+            except _SQS_ERRORS as exc:
+                self._report_outage(exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            if self._outage is not None:
+                logger.warning("SQS answers again after: %s", self._outage)
+                self._outage = None
+            return response.get("Messages", [])
+
+    def _report_outage(self, exc: BaseException) -> None:
+        """Log the first failure of an outage only, so a long outage is one line, not thousands."""
+        if self._outage is None:
+            self._outage = describe_client_error(exc, self.settings)
+            logger.warning("SQS receive failed, retrying with backoff: %s", self._outage)
+
+    async def listen(self) -> AsyncGenerator[AckableMessage, None]:
+        """Yield main-queue tasks one at a time; set aside what is not one of our tasks."""
+        while True:
+            messages = await self.receive(
+                self.names.main, 1, visibility_timeout=self.settings.visibility_timeout_seconds
+            )
+            for message in messages:
+                body = message.get("Body", "")
+                receipt = message["ReceiptHandle"]
+                reason = self._reject_reason(body)
+                if reason is not None:
+                    logger.warning(
+                        "Deleting malformed task message %s: %s", message.get("MessageId"), reason
+                    )
+                    await self.delete(self.names.main, receipt)
+                    continue
+                yield AckableMessage(
+                    data=body.encode(),
+                    ack=_Ack(self, self.names.main, receipt),
+                )
+
+    def _reject_reason(self, body: str) -> str | None:
+        try:
+            task_message = self.formatter.loads(body.encode())
+        except Exception as exc:
+            return f"not a taskiq message ({type(exc).__name__})"
+        if task_message.task_name not in TASK_NAMES:
+            return f"unknown task name {task_message.task_name!r}"
+        return None
+
+
+class _Ack:
+    """Deletes one received message; a callable object so it stays picklable and printable."""
+
+    def __init__(self, broker: CancellableSqsBroker, name: str, receipt_handle: str) -> None:
+        self.broker = broker
+        self.name = name
+        self.receipt_handle = receipt_handle
+
+    async def __call__(self) -> None:
+        await self.broker.delete(self.name, self.receipt_handle)

@@ -1,0 +1,110 @@
+"""TaskiqRunLauncher: sends runs to the main queue and records cancel intent before any signal."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any, Self
+
+from dagster import _check as check
+from dagster._core.events import EngineEventData
+from dagster._core.launcher import LaunchRunContext, RunLauncher
+from dagster._serdes import ConfigurableClass, ConfigurableClassData
+
+from dagster_taskiq_cancel.messages import CancelRequest
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, settings_from_env
+from dagster_taskiq_cancel.tasks import QUEUE_TAG, TASK_ID_TAG, run_task_message
+
+logger = logging.getLogger(__name__)
+
+
+def _requested_by() -> str:
+    """Who asked: the webserver calls terminate() for the UI; anything else names its user."""
+    return os.environ.get("DAGSTER_TASKIQ_REQUESTED_BY") or "ui"
+
+
+class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
+    """Launch each run as a taskiq task on SQS; terminate by recording CANCELING, then hinting.
+
+    Built lazily in every process that touches the instance, so ``__init__`` does no I/O.
+    """
+
+    def __init__(
+        self,
+        settings: TaskiqCancelSettings,
+        inst_data: ConfigurableClassData | None = None,
+    ) -> None:
+        self.settings = settings
+        self._inst_data = inst_data
+        super().__init__()
+
+    @property
+    def inst_data(self) -> ConfigurableClassData | None:
+        return self._inst_data
+
+    @classmethod
+    def config_type(cls) -> dict[str, Any]:
+        return config_fields()
+
+    @classmethod
+    def from_config_value(
+        cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
+    ) -> Self:
+        return cls(settings=settings_from_env(config_value), inst_data=inst_data)
+
+    @functools.cached_property
+    def queues(self) -> SyncQueues:
+        return SyncQueues(self.settings)
+
+    def launch_run(self, context: LaunchRunContext) -> None:
+        run = context.dagster_run
+        message = run_task_message(run.run_id)
+        self._instance.add_run_tags(
+            run.run_id, {TASK_ID_TAG: message.task_id, QUEUE_TAG: self.queues.names.main}
+        )
+        self.queues.send(
+            self.queues.names.main, message.body, group_id=run.run_id, dedup_id=message.task_id
+        )
+        self._instance.report_engine_event(
+            f"Sent run to SQS queue {self.queues.names.main} as taskiq task {message.task_id}.",
+            run,
+            EngineEventData({"queue": self.queues.names.main, "task_id": message.task_id}),
+            cls=self.__class__,
+        )
+
+    def terminate(self, run_id: str) -> bool:
+        """Record CANCELING (the durable intent), then send the fast-path hint.
+
+        Returns True once the intent is recorded: a failed send only delays the stop until the
+        holding worker's next run-storage poll.
+        """
+        check.str_param(run_id, "run_id")
+        run = self._instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            return False
+        request = CancelRequest(run_id=run_id, reason="terminate", requested_by=_requested_by())
+        self._instance.report_run_canceling(
+            run, message=f"Cancel requested by {request.requested_by}; request {request.request_id}."
+        )
+        try:
+            self.queues.send(
+                self.queues.names.cancels,
+                request.to_json(),
+                group_id=run_id,
+                dedup_id=request.request_id,
+            )
+        except SqsError as exc:
+            logger.warning("Cancel message for run %s not sent (%s); the poll will stop it", run_id, exc)
+            self._instance.report_engine_event(
+                f"Cancel message not sent ({exc}); workers will see CANCELING at their next poll.",
+                run,
+                cls=self.__class__,
+            )
+        return True
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return False

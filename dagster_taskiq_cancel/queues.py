@@ -1,0 +1,170 @@
+"""The three queues of one deployment, their names, and the synchronous SQS calls on them.
+
+The launcher, the step handler, the sensor and the CLI run in synchronous code (the webserver
+even inside a running event loop), so they use plain boto3 here; only the worker is async.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config as BotoConfig
+
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+
+FIFO_SUFFIX = ".fifo"
+
+
+class SqsError(RuntimeError):
+    """SQS cannot be used as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class QueueNames:
+    """Main, cancels and acks queue names derived from one configured name or URL."""
+
+    main: str
+    cancels: str
+    acks: str
+
+    @property
+    def fifo(self) -> bool:
+        return self.main.endswith(FIFO_SUFFIX)
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        return (self.main, self.cancels, self.acks)
+
+    @classmethod
+    def from_setting(cls, queue_name: str) -> QueueNames:
+        name = queue_name.rstrip("/").rsplit("/", 1)[-1]
+        if not name:
+            raise SqsError(f"queue_name {queue_name!r} has no queue name in it")
+        base, suffix = (
+            (name[: -len(FIFO_SUFFIX)], FIFO_SUFFIX) if name.endswith(FIFO_SUFFIX) else (name, "")
+        )
+        return cls(main=name, cancels=f"{base}-cancels{suffix}", acks=f"{base}-cancel-acks{suffix}")
+
+
+def endpoint_for(settings: TaskiqCancelSettings) -> str | None:
+    """The endpoint: explicit, or taken from a queue URL given as ``queue_name``."""
+    if settings.endpoint_url:
+        return settings.endpoint_url
+    if "://" in settings.queue_name:
+        scheme, rest = settings.queue_name.split("://", 1)
+        host = rest.split("/", 1)[0]
+        if not host.startswith("sqs.") or not host.endswith("amazonaws.com"):
+            return f"{scheme}://{host}"
+    return None
+
+
+def boto_client_kwargs(settings: TaskiqCancelSettings) -> dict[str, Any]:
+    """Keyword arguments shared by the boto3 and aioboto3 clients."""
+    return {"region_name": settings.region_name, "endpoint_url": endpoint_for(settings)}
+
+
+def describe_client_error(exc: BaseException, settings: TaskiqCancelSettings) -> str:
+    """A one-line reason with the fix, for the errors users meet first."""
+    where = endpoint_for(settings) or f"AWS SQS in {settings.region_name}"
+    if isinstance(exc, botocore.exceptions.NoCredentialsError):
+        return (
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+            "AWS_PROFILE (any value works for the embedded moto server)"
+        )
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return f"cannot reach {where}: check endpoint_url (DAGSTER_TASKIQ_ENDPOINT_URL)"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if "NonExistentQueue" in code or "QueueDoesNotExist" in code:
+            return (
+                f"queue does not exist at {where}: run `dagster-taskiq-cancel queues create` "
+                "with the same settings"
+            )
+        return f"{code or 'error'} from {where}: {exc}"
+    return f"{type(exc).__name__} talking to {where}: {exc}"
+
+
+class SyncQueues:
+    """Blocking access to the three queues; queue URLs are resolved once and cached."""
+
+    def __init__(self, settings: TaskiqCancelSettings) -> None:
+        self.settings = settings
+        self.names = QueueNames.from_setting(settings.queue_name)
+        self._urls: dict[str, str] = {}
+
+    @functools.cached_property
+    def client(self) -> Any:
+        return boto3.client(
+            "sqs",
+            config=BotoConfig(retries={"max_attempts": 2}, connect_timeout=3, read_timeout=30),
+            **boto_client_kwargs(self.settings),
+        )
+
+    def call(self, method: str, **kwargs: Any) -> Any:
+        """Call an SQS API, turning boto's errors into an ``SqsError`` that says what to fix."""
+        try:
+            return getattr(self.client, method)(**kwargs)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise SqsError(describe_client_error(exc, self.settings)) from exc
+
+    def url(self, name: str) -> str:
+        if name not in self._urls:
+            self._urls[name] = self.call("get_queue_url", QueueName=name)["QueueUrl"]
+        return self._urls[name]
+
+    def send(self, name: str, body: str, group_id: str, dedup_id: str) -> str:
+        """Send one message; FIFO queues get the per-task group and per-request dedup ids."""
+        kwargs: dict[str, Any] = {"QueueUrl": self.url(name), "MessageBody": body}
+        if name.endswith(FIFO_SUFFIX):
+            kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
+        return self.call("send_message", **kwargs)["MessageId"]
+
+    def send_batch(self, name: str, entries: list[tuple[str, str, str]]) -> list[str]:
+        """Send (body, group id, dedup id) entries, ten per request; returns failure reasons."""
+        failures: list[str] = []
+        fifo = name.endswith(FIFO_SUFFIX)
+        for start in range(0, len(entries), 10):
+            chunk = []
+            for index, (body, group_id, dedup_id) in enumerate(entries[start : start + 10]):
+                entry: dict[str, Any] = {"Id": str(index), "MessageBody": body}
+                if fifo:
+                    entry.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
+                chunk.append(entry)
+            result = self.call("send_message_batch", QueueUrl=self.url(name), Entries=chunk)
+            failures.extend(f"{f.get('Code')}: {f.get('Message')}" for f in result.get("Failed", []))
+        return failures
+
+    def create_all(self) -> dict[str, str]:
+        """Create the three queues if missing (idempotent); returns name → URL."""
+        for name in self.names.all:
+            attributes = {"FifoQueue": "true"} if self.names.fifo else {}
+            self._urls[name] = self.call("create_queue", QueueName=name, Attributes=attributes)[
+                "QueueUrl"
+            ]
+        return dict(self._urls)
+
+    def purge_all(self) -> None:
+        for name in self.names.all:
+            self.call("purge_queue", QueueUrl=self.url(name))
+
+    def depths(self) -> dict[str, dict[str, int]]:
+        """Visible and in-flight message counts per queue."""
+        counts = {}
+        for name in self.names.all:
+            attrs = self.call(
+                "get_queue_attributes",
+                QueueUrl=self.url(name),
+                AttributeNames=[
+                    "ApproximateNumberOfMessages",
+                    "ApproximateNumberOfMessagesNotVisible",
+                ],
+            )["Attributes"]
+            counts[name] = {
+                "visible": int(attrs["ApproximateNumberOfMessages"]),
+                "in_flight": int(attrs["ApproximateNumberOfMessagesNotVisible"]),
+            }
+        return counts

@@ -1,0 +1,122 @@
+"""The one settings class: every option of the launcher, the resource, the executor and the worker.
+
+Each field can also come from the environment as ``DAGSTER_TASKIQ_<FIELD NAME IN CAPITALS>``
+(``settings_from_env``), so that one environment serves the webserver, the daemon, the code
+location and the workers alike.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, ValidationError
+
+ENV_PREFIX = "DAGSTER_TASKIQ_"
+
+
+class TaskiqCancelSettings(dg.Config):
+    """Where the queues are and how quickly cancellation acts."""
+
+    queue_name: str = Field(
+        default="dagster-taskiq",
+        description=(
+            "Main queue name or full SQS queue URL. The cancel and ack queues are derived from it: "
+            "`{name}-cancels`, `{name}-cancel-acks` (`.fifo` kept at the end for FIFO queues)."
+        ),
+    )
+    region_name: str = Field(default="us-east-1", description="AWS region of the queues.")
+    endpoint_url: str | None = Field(
+        default=None,
+        description="SQS endpoint, for a local server such as moto; None uses AWS.",
+    )
+    poll_interval_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often a worker asks the run storage about every run it holds.",
+    )
+    grace_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Time from SIGTERM (Dagster's interrupt) to SIGKILL of the process group.",
+    )
+    concurrency: int = Field(
+        default=4, ge=1, description="Tasks one worker process runs at once (its slots)."
+    )
+    prefetch: int = Field(
+        default=0,
+        ge=0,
+        le=10,
+        description="Messages a worker may hold beyond its free slots (no hoarding).",
+    )
+    wait_time_seconds: int = Field(
+        default=20, ge=1, le=20, description="SQS long-poll wait on every queue."
+    )
+    visibility_timeout_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=43200,
+        description="How long a received, not yet started task stays invisible to other workers.",
+    )
+    drain_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="On SIGTERM a worker stops receiving and lets running work finish this long.",
+    )
+    cancel_timeout_seconds: float = Field(
+        default=120.0,
+        gt=0,
+        description="A CANCELING run with no worker acknowledgement is marked CANCELED after this.",
+    )
+
+    @classmethod
+    def env_var(cls, field_name: str) -> str:
+        """The environment variable that sets ``field_name``."""
+        return f"{ENV_PREFIX}{field_name.upper()}"
+
+
+def config_fields() -> dict[str, dg.Field]:
+    """The settings as Dagster config fields, all optional with no default filled in.
+
+    Used by the launcher's ``config_type()`` and the executor's schema: what a user leaves out
+    then falls back to the environment (and, for the executor, to the launcher's settings)
+    instead of being pinned to the class default.
+    """
+    return {
+        name: dg.Field(field.config_type, is_required=False, description=field.description)
+        for name, field in TaskiqCancelSettings.to_fields_dict().items()
+    }
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message says which and what to change."""
+
+
+def settings_from_env(
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> TaskiqCancelSettings:
+    """Build settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name in TaskiqCancelSettings.model_fields:
+        raw = env.get(TaskiqCancelSettings.env_var(name))
+        if raw not in (None, ""):
+            values[name] = raw
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return build_settings(values)
+
+
+def build_settings(values: Mapping[str, Any]) -> TaskiqCancelSettings:
+    """Validate ``values`` into settings, turning pydantic's error into one that names the fix."""
+    try:
+        return TaskiqCancelSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} "
+            f"(set it in the config or as {TaskiqCancelSettings.env_var(str(err['loc'][0]))})"
+            for err in exc.errors()
+        )
+        raise SettingsError(f"Invalid dagster-taskiq-cancel settings: {problems}") from None

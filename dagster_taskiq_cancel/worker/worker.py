@@ -1,0 +1,293 @@
+"""The worker: runs Dagster work in child processes and stops it when its run is no longer live.
+
+Three loops share one event loop:
+
+- taskiq's Receiver takes tasks from the main queue, one per free slot, and calls ``execute``;
+- ``poll_loop`` asks the run storage about every held run every ``poll_interval_seconds``
+  (or at once when woken) and stops the children of runs that are no longer live;
+- ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from dagster import DagsterInstance
+from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs
+from dagster._serdes import deserialize_value, serialize_value
+from taskiq import Context, TaskiqDepends
+
+from dagster_taskiq_cancel.broker import CancellableSqsBroker
+from dagster_taskiq_cancel.messages import (
+    CancelAck,
+    CancelRequest,
+    MalformedMessage,
+    Outcome,
+    parse_message,
+)
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, TAG_PREFIX, WORKER_ID_TAG
+from dagster_taskiq_cancel.worker import children
+from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, is_live, run_statuses
+
+logger = logging.getLogger(__name__)
+
+CLAIM_TAG = f"{TAG_PREFIX}claim"
+_RECENT_TASKS = 10_000
+T = TypeVar("T")
+
+
+@dataclass
+class HeldTask:
+    """A task this worker runs: its child process and, once stopping, why and since when."""
+
+    task_id: str
+    run_id: str
+    step_key: str | None
+    process: asyncio.subprocess.Process
+    request: CancelRequest | None = None
+    stop_started_at: float | None = None
+    killed: bool = False
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Worker:
+    """One worker process: its slots, its held tasks and its view of the run storage."""
+
+    def __init__(
+        self,
+        settings: TaskiqCancelSettings,
+        instance: DagsterInstance,
+        broker: CancellableSqsBroker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.instance = instance
+        self.broker = broker or CancellableSqsBroker(settings)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.held: dict[str, HeldTask] = {}
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._pending_requests: dict[str, CancelRequest] = {}
+        self._wake = asyncio.Event()
+        # One thread for run-storage calls: they block, and sqlite prefers one writer.
+        self._storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-storage")
+        self._register_tasks()
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def _register_tasks(self) -> None:
+        async def execute_run(run_id: str, context: Context = TaskiqDepends()) -> None:
+            await self.execute(context.message.task_id, run_id, None, None)
+
+        async def execute_step(
+            run_id: str, step_key: str, execute_step_args: str, context: Context = TaskiqDepends()
+        ) -> None:
+            await self.execute(context.message.task_id, run_id, step_key, execute_step_args)
+
+        self.broker.register_task(execute_run, task_name=EXECUTE_RUN)
+        self.broker.register_task(execute_step, task_name=EXECUTE_STEP)
+
+    async def _storage_call(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
+
+    async def execute(
+        self, task_id: str, run_id: str, step_key: str | None, execute_step_args: str | None
+    ) -> None:
+        """Run one task to its end, unless it is a duplicate or its run is no longer live."""
+        if task_id in self.held or task_id in self._recent:
+            logger.info("Dropping duplicate delivery of task %s", task_id)
+            return
+        self._remember(task_id)
+        run = await self._storage_call(self.instance.get_run_by_id, run_id)
+        if run is None:
+            logger.warning("Dropping task %s: run %s does not exist", task_id, run_id)
+            return
+        if not is_live(run.status):
+            logger.info("Skipping task %s: run %s is %s", task_id, run_id, run.status.value)
+            await self._ack(run_id, step_key, task_id, "skipped", f"run was {run.status.value}")
+            return
+        if step_key is None:
+            if run.status not in RUN_STARTABLE or not await self._claim(run_id):
+                logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
+                return
+            argv = children.dagster_api_argv(
+                "execute_run",
+                serialize_value(
+                    ExecuteRunArgs(
+                        job_origin=run.job_code_origin,
+                        run_id=run_id,
+                        instance_ref=self.instance.get_ref(),
+                        set_exit_code_on_failure=True,
+                    )
+                ),
+            )
+            env: Mapping[str, str] = os.environ
+        else:
+            step_args = deserialize_value(execute_step_args or "", ExecuteStepArgs)
+            argv = children.dagster_api_argv("execute_step")
+            env = {**os.environ, **step_args.get_command_env()}
+        await self._run_child(task_id, run_id, step_key, argv, env)
+
+    def _remember(self, task_id: str) -> None:
+        self._recent[task_id] = None
+        while len(self._recent) > _RECENT_TASKS:
+            self._recent.popitem(last=False)
+
+    async def _claim(self, run_id: str) -> bool:
+        """Tag the run as ours and read it back; lose to any claim written before ours."""
+        token = f"{self.worker_id}/{uuid.uuid4().hex}"
+
+        def claim() -> bool:
+            run = self.instance.get_run_by_id(run_id)
+            if run is None or CLAIM_TAG in run.tags:
+                return False
+            self.instance.add_run_tags(run_id, {CLAIM_TAG: token, WORKER_ID_TAG: self.worker_id})
+            run = self.instance.get_run_by_id(run_id)
+            return run is not None and run.tags.get(CLAIM_TAG) == token
+
+        return await self._storage_call(claim)
+
+    async def _run_child(
+        self,
+        task_id: str,
+        run_id: str,
+        step_key: str | None,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+    ) -> None:
+        process = await children.spawn(argv, env)
+        held = HeldTask(task_id, run_id, step_key, process)
+        self.held[task_id] = held
+        logger.info("Started task %s (run %s) as pid %s", task_id, run_id, process.pid)
+        # A cancel may have landed between the start check and the spawn: look again now.
+        self._wake.set()
+        try:
+            returncode = await process.wait()
+        finally:
+            held.exited.set()
+            self.held.pop(task_id, None)
+            children.kill_group(process.pid)
+            if all(h.run_id != run_id for h in self.held.values()):
+                self._pending_requests.pop(run_id, None)
+        logger.info("Task %s ended with exit code %s", task_id, returncode)
+        if held.stop_started_at is not None:
+            outcome: Outcome = "killed" if held.killed else "cancelled"
+            await self._ack(run_id, step_key, task_id, outcome, f"exit code {returncode}", held)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    async def poll_loop(self) -> None:
+        """Ask the run storage about held runs every poll interval, or at once when woken."""
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.check_held()
+            except Exception:
+                logger.exception("Run storage check failed; trying again next interval")
+
+    async def check_held(self) -> None:
+        """One batched query for every held run; stop the tasks of runs no longer live."""
+        waiting = [h for h in self.held.values() if h.stop_started_at is None]
+        if not waiting:
+            return
+        statuses = await self._storage_call(run_statuses, self.instance, {h.run_id for h in waiting})
+        for held in waiting:
+            if not is_live(statuses.get(held.run_id)):
+                self.stop(held)
+
+    def stop(self, held: HeldTask) -> None:
+        """SIGTERM the child (Dagster's interrupt), SIGKILL its group after the grace period."""
+        if held.stop_started_at is not None:
+            return
+        held.stop_started_at = time.time()
+        held.request = self._pending_requests.get(held.run_id)
+        logger.info("Stopping task %s (pid %s): run is no longer live", held.task_id, held.process.pid)
+        children.signal_process(held.process.pid, signal.SIGTERM)
+        asyncio.get_running_loop().create_task(self._kill_after_grace(held))
+
+    async def _kill_after_grace(self, held: HeldTask) -> None:
+        grace = self.settings.grace_seconds
+        if held.request is not None and held.request.grace_seconds is not None:
+            grace = held.request.grace_seconds
+        try:
+            await asyncio.wait_for(held.exited.wait(), grace)
+        except TimeoutError:
+            logger.warning("Task %s did not stop in %ss: SIGKILL", held.task_id, grace)
+            held.killed = True
+            children.kill_group(held.process.pid)
+
+    # --- cancel queue and acks -------------------------------------------------------------------
+
+    async def cancel_loop(self) -> None:
+        """Wake the poll for every cancel request naming a held run; set aside malformed ones."""
+        names = self.broker.names
+        while True:
+            for message in await self.broker.receive(names.cancels, 10):
+                await self._handle_cancel(message)
+                await self.broker.delete(names.cancels, message["ReceiptHandle"])
+
+    async def _handle_cancel(self, message: Mapping[str, Any]) -> None:
+        try:
+            request = parse_message(CancelRequest, message.get("Body", ""))
+        except MalformedMessage as exc:
+            logger.warning("Deleting malformed cancel message %s: %s", message.get("MessageId"), exc)
+            return
+        if any(h.run_id == request.run_id for h in self.held.values()):
+            self._pending_requests[request.run_id] = request
+            self._wake.set()
+            return
+        await self._ack(request.run_id, request.step_key, "", "not_running", "", request=request)
+
+    async def _ack(
+        self,
+        run_id: str,
+        step_key: str | None,
+        task_id: str,
+        outcome: Outcome,
+        detail: str,
+        held: HeldTask | None = None,
+        request: CancelRequest | None = None,
+    ) -> None:
+        """Tell the reconciliation sensor what happened; a failed send is logged, never fatal."""
+        request = request or (held.request if held else None)
+        ack = CancelAck(
+            request_id=request.request_id if request else None,
+            run_id=run_id,
+            step_key=step_key,
+            task_id=task_id,
+            worker_id=self.worker_id,
+            outcome=outcome,
+            requested_at=request.requested_at if request else (held.stop_started_at if held else None),
+            detail=detail,
+        )
+        try:
+            await self.broker.send(
+                self.broker.names.acks, ack.to_json(), group_id=run_id, dedup_id=uuid.uuid4().hex
+            )
+        except Exception as exc:
+            logger.warning("Could not send %s ack for run %s: %s", outcome, run_id, exc)
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    async def stop_all(self) -> None:
+        """Stop every held task as a cancellation would, and wait until each child is gone."""
+        for held in list(self.held.values()):
+            self.stop(held)
+        await asyncio.gather(*(h.exited.wait() for h in list(self.held.values())))
+
+    def close(self) -> None:
+        self._storage.shutdown(wait=False)

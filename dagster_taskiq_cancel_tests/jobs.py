@@ -1,0 +1,67 @@
+"""Jobs the tests launch through the real launcher and real workers.
+
+Ops record their pid and each execution in ``marker_dir`` so that tests can assert what really
+ran and which process must be gone.
+"""
+
+
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.errors import DagsterExecutionInterruptedError
+
+
+class MarkerConfig(dg.Config):
+    marker_dir: str
+    seconds: float = 0.0
+
+
+def _record_start(context: dg.OpExecutionContext, marker_dir: str) -> None:
+    directory = Path(marker_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / f"{context.run_id}.executions").open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    (directory / f"{context.run_id}.pid").write_text(str(os.getpid()))
+
+
+@dg.op
+def sleeper(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    _record_start(context, config.marker_dir)
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@dg.op
+def stubborn(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Ignores Dagster's interrupt: only SIGKILL stops it."""
+    _record_start(context, config.marker_dir)
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except DagsterExecutionInterruptedError:
+            context.log.info("interrupted, ignoring it")
+
+
+@dg.op
+def boom(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    _record_start(context, config.marker_dir)
+    raise RuntimeError("boom")
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def sleepy_job() -> None:
+    sleeper()
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def stubborn_job() -> None:
+    stubborn()
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def failing_job() -> None:
+    boom()

@@ -1,0 +1,174 @@
+"""A real deployment for tests: unique queues on a real SQS server, a Dagster home with our
+launcher, and real worker processes, each stopped by its pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, JobDefinition, reconstructable
+
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
+from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+
+T = TypeVar("T")
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop_process(proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15) -> None:
+    """Signal one process by pid, wait, and SIGKILL it if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Deployment:
+    """Queues, a Dagster home and worker processes that share them."""
+
+    def __init__(self, root: Path, endpoint_url: str, **settings: Any) -> None:
+        self.root = root
+        self.home = root / "dagster_home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.markers = root / "markers"
+        self.logs = root / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.settings = TaskiqCancelSettings(
+            queue_name=f"t{uuid.uuid4().hex[:12]}",
+            endpoint_url=endpoint_url,
+            grace_seconds=5,
+            drain_seconds=1,
+            **settings,
+        )
+        self.queues = SyncQueues(self.settings)
+        self.queues.create_all()
+        launcher_config = self.settings.model_dump(exclude_none=True)
+        (self.home / "dagster.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "run_launcher": {
+                        "module": "dagster_taskiq_cancel",
+                        "class": "TaskiqRunLauncher",
+                        "config": launcher_config,
+                    },
+                    "telemetry": {"enabled": False},
+                }
+            )
+        )
+        self.env = {**os.environ, **LOCAL_CREDENTIALS, "DAGSTER_HOME": str(self.home)}
+        self.instance = DagsterInstance.from_config(str(self.home))
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start one worker process and wait until it listens."""
+        log = self.logs / f"worker-{len(self.workers)}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster_taskiq_cancel", "worker", *args],
+            env=self.env,
+            cwd=self.root,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append(proc)
+        wait_for(
+            lambda: proc.poll() is not None or b" ready" in log.read_bytes(), 60, f"{log} ready"
+        )
+        assert proc.poll() is None, log.read_text()
+        return proc
+
+    def worker_log(self, index: int) -> str:
+        return (self.logs / f"worker-{index}.log").read_text()
+
+    def stop(self) -> None:
+        for proc in self.workers:
+            stop_process(proc)
+        self.instance.dispose()
+
+    # --- runs --------------------------------------------------------------------------------
+
+    def create_run(self, job: JobDefinition, seconds: float = 0.0, **kwargs: Any) -> DagsterRun:
+        op_name = next(iter(job.graph.node_dict))
+        run_config = {"ops": {op_name: {"config": {"marker_dir": str(self.markers), "seconds": seconds}}}}
+        return self.instance.create_run_for_job(
+            job_def=job,
+            run_config=run_config,
+            job_code_origin=reconstructable(job).get_python_origin(),
+            **kwargs,
+        )
+
+    def launch(self, job: JobDefinition, seconds: float = 0.0) -> str:
+        run = self.create_run(job, seconds)
+        self.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
+        return run.run_id
+
+    def status(self, run_id: str) -> DagsterRunStatus:
+        run = self.instance.get_run_by_id(run_id)
+        assert run is not None
+        return run.status
+
+    def wait_status(self, run_id: str, statuses: set[DagsterRunStatus], timeout: float = 60) -> None:
+        wait_for(lambda: self.status(run_id) in statuses, timeout, f"run {run_id} in {statuses}")
+
+    def op_pid(self, run_id: str, timeout: float = 60) -> int:
+        """The pid of the process running the run's op, once it has started."""
+        marker = self.markers / f"{run_id}.pid"
+        return int(wait_for(lambda: marker.exists() and marker.read_text(), timeout, f"{marker}"))
+
+    def executions(self, run_id: str) -> int:
+        marker = self.markers / f"{run_id}.executions"
+        return len(marker.read_text().splitlines()) if marker.exists() else 0
+
+    def queue_empty(self) -> bool:
+        return all(
+            counts["visible"] == 0 and counts["in_flight"] == 0
+            for name, counts in self.queues.depths().items()
+            if name != self.queues.names.acks
+        )
+
+    def engine_messages(self, run_id: str) -> list[str]:
+        return [
+            entry.dagster_event.message or ""
+            for entry in self.instance.all_logs(run_id)
+            if entry.dagster_event is not None
+        ]
+
+    def tags(self, run_id: str) -> Mapping[str, str]:
+        run = self.instance.get_run_by_id(run_id)
+        assert run is not None
+        return run.tags

@@ -1,0 +1,143 @@
+"""Terminate stops the right child on any worker; pending work is skipped; nothing runs twice."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterRunStatus
+
+from dagster_taskiq_cancel.local_sqs import MotoServer
+from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
+from dagster_taskiq_cancel_tests.jobs import sleepy_job
+from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
+
+
+def test_twenty_cancels_on_four_workers_stop_the_right_child(deployment: Deployment) -> None:
+    """Whoever receives the cancel message, the owner's poll stops the run: 20 of 20."""
+    for _ in range(4):
+        deployment.start_worker("--concurrency", "5")
+    run_ids = [deployment.launch(sleepy_job, seconds=300) for _ in range(20)]
+    pids = {run_id: deployment.op_pid(run_id, timeout=180) for run_id in run_ids}
+    for run_id in run_ids:
+        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    holders = {deployment.tags(run_id)[WORKER_ID_TAG] for run_id in run_ids}
+    assert len(holders) > 1, "runs should spread over the workers"
+
+    latencies = []
+    for index, run_id in enumerate(run_ids):
+        started = time.monotonic()
+        assert deployment.instance.run_launcher.terminate(run_id)
+        wait_for(lambda pid=pids[run_id]: not pid_alive(pid), 15, f"run {run_id} child gone")
+        latencies.append(time.monotonic() - started)
+        assert all(pid_alive(pids[other]) for other in run_ids[index + 1 :]), "live work was killed"
+    for run_id in run_ids:
+        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
+    print(
+        f"\n20 cancels on 4 workers, terminate -> child gone: "
+        f"median {statistics.median(latencies):.3f}s max {max(latencies):.3f}s"
+    )
+
+
+@pytest.fixture
+def own_sqs() -> Iterator[MotoServer]:
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_terminate_with_sqs_down_records_intent_and_the_poll_stops_the_run(
+    tmp_path: Path, own_sqs: MotoServer
+) -> None:
+    deployment = Deployment(tmp_path, own_sqs.endpoint_url)
+    try:
+        deployment.start_worker()
+        run_id = deployment.launch(sleepy_job, seconds=300)
+        pid = deployment.op_pid(run_id)
+        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+        own_sqs.stop()
+        assert deployment.instance.run_launcher.terminate(run_id)
+        wait_for(lambda: not pid_alive(pid), 15, "child gone by the poll alone")
+        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
+        assert any("not sent" in m for m in deployment.engine_messages(run_id))
+        assert deployment.workers[0].poll() is None, "the worker must survive the outage"
+    finally:
+        deployment.stop()
+
+
+def test_run_cancelled_while_waiting_in_sqs_is_never_started(deployment: Deployment) -> None:
+    forced = deployment.launch(sleepy_job, seconds=60)
+    canceling = deployment.launch(sleepy_job, seconds=60)
+    # Force-terminate of a STARTING run marks it CANCELED without calling terminate().
+    deployment.instance.report_run_canceled(deployment.instance.get_run_by_id(forced))
+    deployment.instance.report_run_canceling(deployment.instance.get_run_by_id(canceling))
+    deployment.start_worker()
+    wait_for(deployment.queue_empty, 30, "both task messages deleted")
+    wait_for(lambda: deployment.worker_log(0).count("Skipping task") == 2, 30, "two skips logged")
+    for run_id in (forced, canceling):
+        assert deployment.executions(run_id) == 0
+        assert DagsterRunStatus.STARTED not in {deployment.status(run_id)}
+
+
+def test_one_slot_workers_share_the_work_instead_of_hoarding(deployment: Deployment) -> None:
+    first = deployment.start_worker("--concurrency", "1")
+    second = deployment.start_worker("--concurrency", "1")
+    run_ids = [deployment.launch(sleepy_job, seconds=2) for _ in range(6)]
+    for run_id in run_ids:
+        deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=120)
+    holders = {deployment.tags(run_id)[WORKER_ID_TAG] for run_id in run_ids}
+    assert {h.rsplit(":", 1)[1] for h in holders} == {str(first.pid), str(second.pid)}
+
+
+def test_redelivered_and_duplicated_run_messages_execute_once(tmp_path: Path, sqs_server: MotoServer) -> None:
+    """A duplicated send and an expired visibility timeout both deliver the task again."""
+    deployment = Deployment(tmp_path, sqs_server.endpoint_url, visibility_timeout_seconds=1)
+    try:
+        run = deployment.create_run(sleepy_job, seconds=4)
+        deployment.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
+        body = run_task_message(run.run_id).body
+        for _ in range(2):
+            deployment.queues.send(deployment.queues.names.main, body, run.run_id, "dup")
+        deployment.start_worker("--concurrency", "2")
+        deployment.start_worker("--concurrency", "2")
+        deployment.wait_status(run.run_id, {DagsterRunStatus.SUCCESS}, timeout=120)
+        wait_for(deployment.queue_empty, 30, "all three copies deleted")
+        assert deployment.executions(run.run_id) == 1
+    finally:
+        deployment.stop()
+
+
+def test_malformed_and_unknown_cancels_are_set_aside_and_the_worker_keeps_working(
+    deployment: Deployment,
+) -> None:
+    proc = deployment.start_worker()
+    cancels = deployment.queues.names.cancels
+    bodies = {
+        "not json": "{nope",
+        "unknown version": '{"v": 2, "run_id": "x"}',
+        "wrong types": '{"v": 1, "run_id": 5}',
+        "unknown run": '{"v": 1, "run_id": "no-such-run"}',
+    }
+    ids = {what: deployment.queues.send(cancels, body, "g", what) for what, body in bodies.items()}
+    deployment.queues.send(deployment.queues.names.main, "garbage", "g", "garbage")
+    wait_for(deployment.queue_empty, 30, "malformed messages deleted")
+    log = deployment.worker_log(0)
+    for what in ("not json", "unknown version", "wrong types"):
+        assert ids[what] in log, f"{what} not logged with its message id"
+    assert proc.poll() is None
+    run_id = deployment.launch(sleepy_job)
+    deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS})
+
+
+def test_worker_exits_on_sigterm_and_leaves_no_child(deployment: Deployment) -> None:
+    proc = deployment.start_worker()
+    run_id = deployment.launch(sleepy_job, seconds=300)
+    pid = deployment.op_pid(run_id)
+    stop_process(proc)
+    assert proc.returncode == 0
+    assert not pid_alive(pid)

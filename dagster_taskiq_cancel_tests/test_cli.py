@@ -1,0 +1,64 @@
+"""`dagster-taskiq-cancel queues`: idempotent creation and errors that say what to change."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, free_port
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dagster_taskiq_cancel", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env or {**os.environ, **LOCAL_CREDENTIALS},
+    )
+
+
+def test_queues_create_is_idempotent_and_status_counts(sqs_server: MotoServer) -> None:
+    for queue in (f"q{uuid.uuid4().hex[:8]}", f"q{uuid.uuid4().hex[:8]}.fifo"):
+        args = ("--queue-name", queue, "--endpoint-url", sqs_server.endpoint_url)
+        first = cli("queues", "create", *args)
+        second = cli("queues", "create", *args)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == second.stdout
+        base, _, suffix = queue.partition(".")
+        suffix = f".{suffix}" if suffix else ""
+        created = [line.split("\t")[0] for line in first.stdout.splitlines()]
+        assert created == [queue, f"{base}-cancels{suffix}", f"{base}-cancel-acks{suffix}"]
+        status = cli("queues", "status", *args)
+        assert json.loads(status.stdout)[queue] == {"visible": 0, "in_flight": 0}
+
+
+def test_unreachable_endpoint_is_a_clear_error() -> None:
+    result = cli("queues", "create", "--endpoint-url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot reach http://127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_credentials_is_a_clear_error(sqs_server: MotoServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    result = cli("queues", "create", "--endpoint-url", sqs_server.endpoint_url, env=env)
+    assert result.returncode == 1
+    assert "no AWS credentials found" in result.stderr
+
+
+def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: MotoServer) -> None:
+    missing = cli("queues", "status", "--queue-name", "nope", "--endpoint-url", sqs_server.endpoint_url)
+    assert missing.returncode == 1
+    assert "dagster-taskiq-cancel queues create" in missing.stderr
+    bad = cli("queues", "status", "--poll-interval-seconds", "-1")
+    assert bad.returncode == 1
+    assert "DAGSTER_TASKIQ_POLL_INTERVAL_SECONDS" in bad.stderr

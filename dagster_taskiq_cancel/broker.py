@@ -64,7 +64,9 @@ class CancellableSqsBroker(AsyncBroker):
             try:
                 response = await self._client.get_queue_url(QueueName=name)
             except _SQS_ERRORS as exc:
-                raise SqsError(f"queue {name}: {describe_client_error(exc, self.settings)}") from exc
+                raise SqsError(
+                    f"queue {name}: {describe_client_error(exc, self.settings)}"
+                ) from exc
             self._urls[name] = response["QueueUrl"]
 
     async def shutdown(self) -> None:

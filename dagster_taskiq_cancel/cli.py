@@ -19,7 +19,7 @@ from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import (
     SettingsError,
     TaskiqCancelSettings,
-    build_settings,
+    resolve_settings,
     settings_from_env,
 )
 
@@ -66,7 +66,9 @@ def worker(workers: int, **overrides: Any) -> None:
             if value is not None:
                 args += [f"--{name.replace('_', '-')}", str(value)]
         sys.exit(_run_processes(args, workers))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from dagster import DagsterInstance
 
     from dagster_taskiq_cancel.worker.process import serve
@@ -81,14 +83,8 @@ def worker(workers: int, **overrides: Any) -> None:
 
 def worker_settings(instance: Any, overrides: dict[str, Any]) -> TaskiqCancelSettings:
     """The instance's launcher settings when it uses ours (one config for both), else the env."""
-    from dagster_taskiq_cancel.launcher import TaskiqRunLauncher
-
-    launcher = instance.run_launcher
-    if not isinstance(launcher, TaskiqRunLauncher):
-        return load_settings(overrides)
-    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return build_settings({**launcher.settings.model_dump(), **given})
+        return resolve_settings(instance, overrides)
     except SettingsError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -125,3 +121,13 @@ def purge(**overrides: Any) -> None:
 def status(**overrides: Any) -> None:
     """Print visible and in-flight message counts per queue as JSON."""
     click.echo(json.dumps(admin(SyncQueues.depths, overrides), indent=2))
+
+
+@main.command()
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
+@click.option("--workers", default=1, show_default=True, help="Worker processes to start.")
+def dev(port: int, workers: int) -> None:
+    """The demo: embedded SQS, queues, workers and `dagster dev` on ./workspace.yaml."""
+    from dagster_taskiq_cancel.dev import run_dev
+
+    sys.exit(run_dev(port, workers))

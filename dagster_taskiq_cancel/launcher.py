@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Mapping
 from typing import Any, Self
@@ -13,12 +12,10 @@ from dagster._core.events import EngineEventData
 from dagster._core.launcher import LaunchRunContext, RunLauncher
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
-from dagster_taskiq_cancel.messages import CancelRequest
-from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.cancel import request_cancel
+from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, settings_from_env
 from dagster_taskiq_cancel.tasks import QUEUE_TAG, TASK_ID_TAG, run_task_message
-
-logger = logging.getLogger(__name__)
 
 
 def _requested_by() -> str:
@@ -82,28 +79,9 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         holding worker's next run-storage poll.
         """
         check.str_param(run_id, "run_id")
-        run = self._instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            return False
-        request = CancelRequest(run_id=run_id, reason="terminate", requested_by=_requested_by())
-        self._instance.report_run_canceling(
-            run, message=f"Cancel requested by {request.requested_by}; request {request.request_id}."
+        return request_cancel(
+            self._instance, self.queues, run_id, reason="terminate", requested_by=_requested_by()
         )
-        try:
-            self.queues.send(
-                self.queues.names.cancels,
-                request.to_json(),
-                group_id=run_id,
-                dedup_id=request.request_id,
-            )
-        except SqsError as exc:
-            logger.warning("Cancel message for run %s not sent (%s); the poll will stop it", run_id, exc)
-            self._instance.report_engine_event(
-                f"Cancel message not sent ({exc}); workers will see CANCELING at their next poll.",
-                run,
-                cls=self.__class__,
-            )
-        return True
 
     @property
     def supports_check_run_worker_health(self) -> bool:

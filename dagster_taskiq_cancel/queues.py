@@ -135,7 +135,9 @@ class SyncQueues:
                     entry.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
                 chunk.append(entry)
             result = self.call("send_message_batch", QueueUrl=self.url(name), Entries=chunk)
-            failures.extend(f"{f.get('Code')}: {f.get('Message')}" for f in result.get("Failed", []))
+            failures.extend(
+                f"{f.get('Code')}: {f.get('Message')}" for f in result.get("Failed", [])
+            )
         return failures
 
     def create_all(self) -> dict[str, str]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 from pydantic import Field, ValidationError
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 ENV_PREFIX = "DAGSTER_TASKIQ_"
 
@@ -98,7 +101,7 @@ def settings_from_env(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> TaskiqCancelSettings:
-    """Build settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped)."""
+    """Settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for name in TaskiqCancelSettings.model_fields:
@@ -120,3 +123,21 @@ def build_settings(values: Mapping[str, Any]) -> TaskiqCancelSettings:
             for err in exc.errors()
         )
         raise SettingsError(f"Invalid dagster-taskiq-cancel settings: {problems}") from None
+
+
+def resolve_settings(
+    instance: DagsterInstance, overrides: Mapping[str, Any] | None = None
+) -> TaskiqCancelSettings:
+    """The settings of everything that has an instance: the executor and the worker.
+
+    Starts from the instance's ``TaskiqRunLauncher`` settings, so that dagster.yaml configures
+    launcher, executor and worker at once, or from the environment when the instance uses another
+    launcher; then ``overrides`` (None values skipped) win.
+    """
+    from dagster_taskiq_cancel.launcher import TaskiqRunLauncher  # the launcher imports us
+
+    launcher = instance.run_launcher
+    if not isinstance(launcher, TaskiqRunLauncher):
+        return settings_from_env(overrides)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return build_settings({**launcher.settings.model_dump(), **given})

@@ -28,3 +28,11 @@ def deployment(tmp_path: Path, sqs_server: MotoServer) -> Iterator[Deployment]:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    """Keep each phase's report on the item, so fixtures can screenshot on failure."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)

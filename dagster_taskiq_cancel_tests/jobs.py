@@ -4,7 +4,6 @@ Ops record their pid and each execution in ``marker_dir`` so that tests can asse
 ran and which process must be gone.
 """
 
-
 import os
 import time
 from pathlib import Path

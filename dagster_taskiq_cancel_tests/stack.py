@@ -23,9 +23,7 @@ from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 T = TypeVar("T")
 
 
-def wait_for(
-    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02
-) -> T:
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
     """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -46,7 +44,25 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def stop_process(proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15) -> None:
+def child_pids(parent: int, cmdline_contains: str = "") -> list[int]:
+    """Live children of ``parent`` whose command line contains ``cmdline_contains``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if ppid == parent and cmdline_contains in cmdline and pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def stop_process(
+    proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15
+) -> None:
     """Signal one process by pid, wait, and SIGKILL it if it does not exit in time."""
     if proc.poll() is None:
         proc.send_signal(signum)
@@ -122,9 +138,18 @@ class Deployment:
 
     # --- runs --------------------------------------------------------------------------------
 
-    def create_run(self, job: JobDefinition, seconds: float = 0.0, **kwargs: Any) -> DagsterRun:
-        op_name = next(iter(job.graph.node_dict))
-        run_config = {"ops": {op_name: {"config": {"marker_dir": str(self.markers), "seconds": seconds}}}}
+    def create_run(
+        self,
+        job: JobDefinition,
+        seconds: float = 0.0,
+        run_config: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> DagsterRun:
+        """A run of ``job``; without ``run_config`` its first op gets the marker config."""
+        if run_config is None:
+            op_name = next(iter(job.graph.node_dict))
+            op_config = {"marker_dir": str(self.markers), "seconds": seconds}
+            run_config = {"ops": {op_name: {"config": op_config}}}
         return self.instance.create_run_for_job(
             job_def=job,
             run_config=run_config,
@@ -132,8 +157,10 @@ class Deployment:
             **kwargs,
         )
 
-    def launch(self, job: JobDefinition, seconds: float = 0.0) -> str:
-        run = self.create_run(job, seconds)
+    def launch(
+        self, job: JobDefinition, seconds: float = 0.0, run_config: Mapping[str, Any] | None = None
+    ) -> str:
+        run = self.create_run(job, seconds, run_config)
         self.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
         return run.run_id
 
@@ -142,7 +169,9 @@ class Deployment:
         assert run is not None
         return run.status
 
-    def wait_status(self, run_id: str, statuses: set[DagsterRunStatus], timeout: float = 60) -> None:
+    def wait_status(
+        self, run_id: str, statuses: set[DagsterRunStatus], timeout: float = 60
+    ) -> None:
         wait_for(lambda: self.status(run_id) in statuses, timeout, f"run {run_id} in {statuses}")
 
     def op_pid(self, run_id: str, timeout: float = 60) -> int:

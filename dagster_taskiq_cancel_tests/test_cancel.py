@@ -94,7 +94,9 @@ def test_one_slot_workers_share_the_work_instead_of_hoarding(deployment: Deploym
     assert {h.rsplit(":", 1)[1] for h in holders} == {str(first.pid), str(second.pid)}
 
 
-def test_redelivered_and_duplicated_run_messages_execute_once(tmp_path: Path, sqs_server: MotoServer) -> None:
+def test_redelivered_and_duplicated_run_messages_execute_once(
+    tmp_path: Path, sqs_server: MotoServer
+) -> None:
     """A duplicated send and an expired visibility timeout both deliver the task again."""
     deployment = Deployment(tmp_path, sqs_server.endpoint_url, visibility_timeout_seconds=1)
     try:

@@ -56,7 +56,9 @@ def test_missing_credentials_is_a_clear_error(sqs_server: MotoServer) -> None:
 
 
 def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: MotoServer) -> None:
-    missing = cli("queues", "status", "--queue-name", "nope", "--endpoint-url", sqs_server.endpoint_url)
+    missing = cli(
+        "queues", "status", "--queue-name", "nope", "--endpoint-url", sqs_server.endpoint_url
+    )
     assert missing.returncode == 1
     assert "dagster-taskiq-cancel queues create" in missing.stderr
     bad = cli("queues", "status", "--poll-interval-seconds", "-1")

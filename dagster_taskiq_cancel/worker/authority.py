@@ -31,9 +31,7 @@ def run_statuses(
     """Status of every run in ``run_ids`` in one query; None for a run that no longer exists."""
     if not run_ids:
         return {}
-    found = {
-        run.run_id: run.status for run in instance.get_runs(RunsFilter(run_ids=list(run_ids)))
-    }
+    found = {run.run_id: run.status for run in instance.get_runs(RunsFilter(run_ids=list(run_ids)))}
     return {run_id: found.get(run_id) for run_id in run_ids}
 
 

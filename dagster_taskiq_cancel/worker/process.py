@@ -58,7 +58,9 @@ async def _serve(worker: Worker) -> None:
         settings.poll_interval_seconds,
     )
     print(f"worker {worker.worker_id} ready", flush=True)
-    await asyncio.wait([receiving, asyncio.create_task(stopping.wait())], return_when="FIRST_COMPLETED")
+    await asyncio.wait(
+        [receiving, asyncio.create_task(stopping.wait())], return_when="FIRST_COMPLETED"
+    )
     logger.info("Worker %s draining: %d task(s) running", worker.worker_id, len(worker.held))
     finish.set()
     with contextlib.suppress(TimeoutError):
@@ -72,7 +74,10 @@ async def _serve(worker: Worker) -> None:
 
 def run_processes(argv: Sequence[str], count: int) -> int:
     """Run ``count`` worker processes with ``argv``; forward SIGTERM/SIGINT; wait for all."""
-    procs = [subprocess.Popen([sys.executable, "-m", "dagster_taskiq_cancel", *argv]) for _ in range(count)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "dagster_taskiq_cancel", *argv])
+        for _ in range(count)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for proc in procs:

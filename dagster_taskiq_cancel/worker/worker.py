@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -21,9 +22,10 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from dagster import DagsterInstance
+from dagster._core.events import EngineEventData
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
 from taskiq import Context, TaskiqDepends
@@ -45,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 CLAIM_TAG = f"{TAG_PREFIX}claim"
 _RECENT_TASKS = 10_000
-T = TypeVar("T")
+_CONTEXT: Any = TaskiqDepends()  # taskiq injects the message context here
 
 
 @dataclass
@@ -86,11 +88,11 @@ class Worker:
     # --- tasks -------------------------------------------------------------------------------
 
     def _register_tasks(self) -> None:
-        async def execute_run(run_id: str, context: Context = TaskiqDepends()) -> None:
+        async def execute_run(run_id: str, context: Context = _CONTEXT) -> None:
             await self.execute(context.message.task_id, run_id, None, None)
 
         async def execute_step(
-            run_id: str, step_key: str, execute_step_args: str, context: Context = TaskiqDepends()
+            run_id: str, step_key: str, execute_step_args: str, context: Context = _CONTEXT
         ) -> None:
             await self.execute(context.message.task_id, run_id, step_key, execute_step_args)
 
@@ -135,7 +137,8 @@ class Worker:
         else:
             step_args = deserialize_value(execute_step_args or "", ExecuteStepArgs)
             argv = children.dagster_api_argv("execute_step")
-            env = {**os.environ, **step_args.get_command_env()}
+            # Dagster gives the env as [{name, value}] (the k8s shape), not a mapping.
+            env = {**os.environ, **{e["name"]: e["value"] for e in step_args.get_command_env()}}
         await self._run_child(task_id, run_id, step_key, argv, env)
 
     def _remember(self, task_id: str) -> None:
@@ -172,6 +175,10 @@ class Worker:
         # A cancel may have landed between the start check and the spawn: look again now.
         self._wake.set()
         try:
+            try:
+                await self._storage_call(self._record_start, held)
+            except Exception:
+                logger.exception("Could not record the start of task %s", task_id)
             returncode = await process.wait()
         finally:
             held.exited.set()
@@ -184,15 +191,28 @@ class Worker:
             outcome: Outcome = "killed" if held.killed else "cancelled"
             await self._ack(run_id, step_key, task_id, outcome, f"exit code {returncode}", held)
 
+    def _record_start(self, held: HeldTask) -> None:
+        """Put who runs the task, and as which pid, in the run's event log."""
+        run = self.instance.get_run_by_id(held.run_id)
+        if run is None:
+            return
+        what = f"step {held.step_key}" if held.step_key else "run"
+        self.instance.report_engine_event(
+            f"Worker {self.worker_id} started {what} task as pid {held.process.pid}.",
+            run,
+            EngineEventData(
+                {"worker_id": self.worker_id, "task_id": held.task_id, "pid": held.process.pid}
+            ),
+            step_key=held.step_key,
+        )
+
     # --- stopping ------------------------------------------------------------------------------
 
     async def poll_loop(self) -> None:
         """Ask the run storage about held runs every poll interval, or at once when woken."""
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 await self.check_held()
@@ -204,7 +224,9 @@ class Worker:
         waiting = [h for h in self.held.values() if h.stop_started_at is None]
         if not waiting:
             return
-        statuses = await self._storage_call(run_statuses, self.instance, {h.run_id for h in waiting})
+        statuses = await self._storage_call(
+            run_statuses, self.instance, {h.run_id for h in waiting}
+        )
         for held in waiting:
             if not is_live(statuses.get(held.run_id)):
                 self.stop(held)
@@ -215,7 +237,9 @@ class Worker:
             return
         held.stop_started_at = time.time()
         held.request = self._pending_requests.get(held.run_id)
-        logger.info("Stopping task %s (pid %s): run is no longer live", held.task_id, held.process.pid)
+        logger.info(
+            "Stopping task %s (pid %s): run is no longer live", held.task_id, held.process.pid
+        )
         children.signal_process(held.process.pid, signal.SIGTERM)
         asyncio.get_running_loop().create_task(self._kill_after_grace(held))
 
@@ -244,7 +268,9 @@ class Worker:
         try:
             request = parse_message(CancelRequest, message.get("Body", ""))
         except MalformedMessage as exc:
-            logger.warning("Deleting malformed cancel message %s: %s", message.get("MessageId"), exc)
+            logger.warning(
+                "Deleting malformed cancel message %s: %s", message.get("MessageId"), exc
+            )
             return
         if any(h.run_id == request.run_id for h in self.held.values()):
             self._pending_requests[request.run_id] = request
@@ -271,7 +297,9 @@ class Worker:
             task_id=task_id,
             worker_id=self.worker_id,
             outcome=outcome,
-            requested_at=request.requested_at if request else (held.stop_started_at if held else None),
+            requested_at=request.requested_at
+            if request
+            else (held.stop_started_at if held else None),
             detail=detail,
         )
         try:

@@ -1,0 +1,57 @@
+"""taskiq_executor: every step of a run on the taskiq workers, cancellable like the run itself."""
+
+from __future__ import annotations
+
+import dagster as dg
+from dagster._core.execution.retries import RetryMode, get_retries_config
+from dagster._core.execution.tags import get_tag_concurrency_limits_config
+from dagster._core.executor.base import Executor
+from dagster._core.executor.step_delegating import StepDelegatingExecutor
+
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, resolve_settings
+from dagster_taskiq_cancel.step_handler import TaskiqStepHandler
+
+
+def _config_schema() -> dict[str, dg.Field]:
+    """Every settings field (optional, falling back to the launcher) plus the step limits."""
+    return {
+        **config_fields(),
+        "max_concurrent": dg.Field(
+            int,
+            is_required=False,
+            description="Steps of one run on the queue or running at once; unlimited if unset.",
+        ),
+        "tag_concurrency_limits": get_tag_concurrency_limits_config(),
+        "retries": get_retries_config(),
+    }
+
+
+def _settings(init_context: dg.InitExecutorContext) -> TaskiqCancelSettings:
+    overrides = {
+        k: v
+        for k, v in init_context.executor_config.items()
+        if k in TaskiqCancelSettings.model_fields
+    }
+    return resolve_settings(init_context.instance, overrides)
+
+
+@dg.executor(
+    name="taskiq",
+    config_schema=_config_schema(),
+    requirements=dg.multiple_process_executor_requirements(),
+)
+def taskiq_executor(init_context: dg.InitExecutorContext) -> Executor:
+    """Send each step to the taskiq workers on SQS as its own task.
+
+    Settings not given here come from the instance's ``TaskiqRunLauncher`` (or the
+    ``DAGSTER_TASKIQ_*`` environment), so one dagster.yaml configures runs and steps alike.
+    Terminating the run stops every step on whichever worker holds it.
+    """
+    config = init_context.executor_config
+    return StepDelegatingExecutor(
+        TaskiqStepHandler(_settings(init_context)),
+        retries=RetryMode.from_config(config["retries"]),  # type: ignore[arg-type]
+        max_concurrent=config.get("max_concurrent"),
+        tag_concurrency_limits=config.get("tag_concurrency_limits"),
+        should_verify_step=True,
+    )

@@ -1,0 +1,313 @@
+"""The reconciliation sensor: turns worker acks into run status, and times out silent cancels.
+
+Workers stop Dagster work; when Dagster's own interrupt handling cannot write the end (the child
+was SIGKILLed, or the run never started) the run stays CANCELING. Each tick this sensor reads the
+``{queue}-cancel-acks`` queue, records every ack on its run as an engine event, ends CANCELING
+runs whose run task was confirmed stopped, and then marks CANCELED the CANCELING runs no worker
+confirmed within ``cancel_timeout_seconds``. It writes a status only while the run is still
+CANCELING (DESIGN rule 6: run status is last-write-wins).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import dagster as dg
+from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
+
+from dagster_taskiq_cancel.messages import (
+    STOPPED_OUTCOMES,
+    CancelAck,
+    MalformedMessage,
+    parse_message,
+)
+from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.resource import TaskiqCancelResource
+from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
+
+CANCELING = dg.DagsterRunStatus.CANCELING
+ACK_BATCH = 10
+# Later receives of a tick still long-poll (a zero wait samples only some SQS servers and can
+# miss messages), but briefly: they only confirm that the queue has been drained.
+DRAIN_WAIT_SECONDS = 1
+# Acks stay invisible this long while a tick handles them; one left undeleted comes back.
+ACK_VISIBILITY_SECONDS = 60
+
+_OUTCOME_TEXT = {
+    "cancelled": "stopped by Dagster's interrupt",
+    "killed": "killed with SIGKILL after the grace period",
+    "skipped": "skipped before it started",
+    "cleanup_failed": "stopped, but cleanup failed",
+}
+
+
+@dataclass
+class TickSummary:
+    """Counts for one tick, shown as the tick's skip reason in the UI."""
+
+    acks: int = 0
+    not_running: int = 0
+    malformed: int = 0
+    unknown_run: int = 0
+    canceled: int = 0
+    failed: int = 0
+    timed_out: int = 0
+
+    def text(self) -> str:
+        counts = ", ".join(
+            f"{f.name.replace('_', ' ')} {getattr(self, f.name)}"
+            for f in fields(self)
+            if getattr(self, f.name)
+        )
+        return f"Cancel reconciliation: {counts or 'nothing to do'}."
+
+
+def _record(
+    instance: dg.DagsterInstance,
+    run: dg.DagsterRun,
+    message: str,
+    metadata: Mapping[str, Any],
+    level: int = logging.INFO,
+) -> None:
+    """An engine event on ``run``; ``report_engine_event`` has no level, hence the direct event."""
+    event = DagsterEvent(
+        event_type_value=DagsterEventType.ENGINE_EVENT.value,
+        job_name=run.job_name,
+        message=message,
+        event_specific_data=EngineEventData(
+            metadata={k: v for k, v in metadata.items() if v is not None}
+        ),
+    )
+    instance.report_dagster_event(event, run_id=run.run_id, log_level=level)
+
+
+def _still_canceling(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
+    """The run re-read just before a status write, if it is still CANCELING."""
+    run = instance.get_run_by_id(run_id)
+    return run if run is not None and run.status == CANCELING else None
+
+
+def _apply_ack(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, ack: CancelAck, summary: TickSummary
+) -> None:
+    """Record a stop on its run; end the run if its run task stopped and it is still CANCELING.
+
+    ``not_running`` comes from whichever worker received the cancel message without holding the
+    run; with competing consumers that is routine, says nothing about the owner, and is only
+    counted. ``skipped`` proves the run is over only if no worker ever claimed it: for a claimed
+    run it is a redelivered copy, and the claimer's own ack (or the timeout) ends the run.
+    """
+    if ack.outcome == "not_running":
+        summary.not_running += 1
+        return
+    summary.acks += 1
+    latency = ack.stopped_at - ack.requested_at if ack.requested_at is not None else None
+    target = f"step {ack.step_key}" if ack.step_key else "run"
+    why = "; ".join(filter(None, [_OUTCOME_TEXT[ack.outcome], ack.detail]))
+    after = f", {latency:.2f}s after the request" if latency is not None else ""
+    _record(
+        instance,
+        run,
+        f"Worker {ack.worker_id} acknowledged the cancel: {target} task {ack.task_id} "
+        f"{ack.outcome} ({why}){after}.",
+        {
+            "outcome": ack.outcome,
+            "worker_id": ack.worker_id,
+            "task_id": ack.task_id,
+            "step_key": ack.step_key,
+            "detail": ack.detail,
+            "request_id": ack.request_id,
+            "latency_seconds": latency,
+        },
+    )
+    if ack.step_key is not None or ack.outcome not in STOPPED_OUTCOMES:
+        return
+    current = _still_canceling(instance, run.run_id)
+    if current is None or (ack.outcome == "skipped" and WORKER_ID_TAG in current.tags):
+        return
+    if ack.outcome == "cleanup_failed":
+        instance.report_run_failed(
+            current, message=f"Run stopped on {ack.worker_id}; cleanup failed."
+        )
+        summary.failed += 1
+    else:
+        instance.report_run_canceled(
+            current, message=f"Run {ack.outcome} on worker {ack.worker_id}."
+        )
+        summary.canceled += 1
+
+
+def _receive(queues: SyncQueues, max_messages: int, wait_seconds: int) -> list[dict[str, Any]]:
+    response = queues.call(
+        "receive_message",
+        QueueUrl=queues.url(queues.names.acks),
+        MaxNumberOfMessages=max_messages,
+        WaitTimeSeconds=wait_seconds,
+        VisibilityTimeout=ACK_VISIBILITY_SECONDS,
+    )
+    return response.get("Messages", [])
+
+
+def _delete(queues: SyncQueues, receipts: Sequence[str], log: logging.Logger) -> None:
+    if not receipts:
+        return
+    result = queues.call(
+        "delete_message_batch",
+        QueueUrl=queues.url(queues.names.acks),
+        Entries=[{"Id": str(i), "ReceiptHandle": r} for i, r in enumerate(receipts)],
+    )
+    for failure in result.get("Failed", []):
+        log.warning(
+            "Could not delete cancel ack: %s %s", failure.get("Code"), failure.get("Message")
+        )
+
+
+def _handle_batch(
+    instance: dg.DagsterInstance,
+    queues: SyncQueues,
+    messages: Sequence[Mapping[str, Any]],
+    summary: TickSummary,
+    log: logging.Logger,
+) -> None:
+    """Handle up to ten acks with one run query; delete those handled even if one raises."""
+    handled: list[str] = []
+    acks: list[tuple[Mapping[str, Any], CancelAck]] = []
+    for message in messages:
+        try:
+            acks.append((message, parse_message(CancelAck, message.get("Body", ""))))
+        except MalformedMessage as exc:
+            log.warning("Deleting malformed cancel ack %s: %s", message.get("MessageId"), exc)
+            summary.malformed += 1
+            handled.append(message["ReceiptHandle"])
+    try:
+        run_ids = list({ack.run_id for _, ack in acks})
+        runs = (
+            {r.run_id: r for r in instance.get_runs(dg.RunsFilter(run_ids=run_ids))} if acks else {}
+        )
+        for message, ack in acks:
+            run = runs.get(ack.run_id)
+            if run is None:
+                log.info(
+                    "Deleting cancel ack %s for unknown run %s",
+                    message.get("MessageId"),
+                    ack.run_id,
+                )
+                summary.unknown_run += 1
+            else:
+                _apply_ack(instance, run, ack, summary)
+            handled.append(message["ReceiptHandle"])
+    finally:
+        _delete(queues, handled, log)
+
+
+def reconcile_acks(
+    instance: dg.DagsterInstance,
+    queues: SyncQueues,
+    max_acks: int,
+    wait_seconds: int,
+    summary: TickSummary,
+    log: logging.Logger,
+) -> None:
+    """Read acks until the queue is drained or ``max_acks`` were received.
+
+    The first receive long-polls ``wait_seconds`` so that an idle tick costs one request and an
+    ack arriving meanwhile is handled at once.
+    """
+    received = 0
+    wait = wait_seconds
+    while received < max_acks:
+        messages = _receive(queues, min(ACK_BATCH, max_acks - received), wait)
+        if not messages:
+            return
+        received += len(messages)
+        _handle_batch(instance, queues, messages, summary, log)
+        wait = DRAIN_WAIT_SECONDS
+
+
+def canceling_since(instance: dg.DagsterInstance, record: dg.RunRecord) -> float:
+    """When the run's latest CANCELING was recorded, as a Unix timestamp.
+
+    The RUN_CANCELING event is the moment the intent became durable, which is what the timeout
+    measures (Dagster's run monitoring uses the same event). The run record's update_timestamp
+    is not: it moves on every tag write (a worker's claim, a user's tag edit), so it would push
+    the deadline out. It is only the fallback for a CANCELING run without the event.
+    """
+    events = instance.get_records_for_run(
+        record.dagster_run.run_id, of_type=DagsterEventType.RUN_CANCELING, limit=1, ascending=False
+    ).records
+    return events[0].timestamp if events else record.update_timestamp.timestamp()
+
+
+def time_out_silent_cancels(
+    instance: dg.DagsterInstance, timeout_seconds: float, summary: TickSummary
+) -> None:
+    """Mark CANCELED the runs CANCELING for ``timeout_seconds`` with no confirming ack.
+
+    Acks are read first in each tick, so a run still CANCELING here had no run-task stop ack.
+    """
+    records = instance.get_run_records(filters=dg.RunsFilter(statuses=[CANCELING]))
+    now = time.time()
+    for record in records:
+        waited = now - canceling_since(instance, record)
+        if waited < timeout_seconds:
+            continue
+        run = _still_canceling(instance, record.dagster_run.run_id)
+        if run is None:
+            continue
+        holder = run.tags.get(WORKER_ID_TAG)
+        who = f"worker {holder} last held it" if holder else "no worker had started it"
+        _record(
+            instance,
+            run,
+            f"No worker confirmed the stop within {timeout_seconds:g}s of the cancel request "
+            f"({who}); marking the run CANCELED. Check that its processes are gone.",
+            {"worker_id": holder, "waited_seconds": round(waited, 3)},
+            level=logging.WARNING,
+        )
+        instance.report_run_canceled(
+            run, message=f"No worker confirmed the stop within {timeout_seconds:g}s."
+        )
+        summary.timed_out += 1
+
+
+def build_cancel_reconciliation_sensor(
+    name: str = "cancel_reconciliation_sensor",
+    minimum_interval_seconds: int = 5,
+    max_acks_per_tick: int = 100,
+    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
+    ack_wait_seconds: int = 5,
+) -> dg.SensorDefinition:
+    """A polling sensor that needs a ``taskiq`` resource (TaskiqCancelResource).
+
+    ``ack_wait_seconds`` is the long poll at the start of each tick: an idle tick makes one SQS
+    request, and an ack arriving meanwhile ends its run at once. Keep it well under the sensor
+    evaluation timeout (60 s by default).
+    """
+
+    @dg.sensor(
+        name=name,
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        description="Ends CANCELING runs from worker acks; times out cancels nobody confirmed.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, taskiq: TaskiqCancelResource) -> dg.SkipReason:
+        summary = TickSummary()
+        reconcile_acks(
+            context.instance,
+            taskiq.queues,
+            max_acks_per_tick,
+            ack_wait_seconds,
+            summary,
+            context.log,
+        )
+        time_out_silent_cancels(context.instance, taskiq.cancel_timeout_seconds, summary)
+        return dg.SkipReason(summary.text())
+
+    return _sensor
+
+
+cancel_reconciliation_sensor = build_cancel_reconciliation_sensor()

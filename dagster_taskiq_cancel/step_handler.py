@@ -1,0 +1,104 @@
+"""TaskiqStepHandler: each Dagster step becomes a taskiq task on the main SQS queue.
+
+The step runs on whichever worker receives it, as ``dagster api execute_step`` in a child
+process, so that the worker can stop it when the run storage says its run is no longer live.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from dagster._core.events import DagsterEvent
+from dagster._core.executor.step_delegating import (
+    CheckStepHealthResult,
+    StepHandler,
+    StepHandlerContext,
+)
+from dagster._serdes import serialize_value
+
+from dagster_taskiq_cancel.messages import CancelRequest
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.tasks import step_task_message
+
+logger = logging.getLogger(__name__)
+
+
+def _step_key(context: StepHandlerContext) -> str:
+    """The one step this context is about: the step-delegating executor launches one at a time."""
+    step_keys = context.execute_step_args.step_keys_to_execute
+    if step_keys is None or len(step_keys) != 1:
+        raise ValueError(f"TaskiqStepHandler handles exactly one step per task, got {step_keys}")
+    return step_keys[0]
+
+
+def _attempt(context: StepHandlerContext, step_key: str) -> int:
+    """Retries already made of this step: part of the task id, so a retry is a new task."""
+    known_state = context.execute_step_args.known_state
+    return known_state.get_retry_state().get_attempt_count(step_key) if known_state else 0
+
+
+class TaskiqStepHandler(StepHandler):
+    """Sends steps to the workers and asks them to check a run at once on terminate.
+
+    One ``SyncQueues`` per handler: its boto3 client and queue URLs are reused for every step of
+    the run.
+    """
+
+    def __init__(self, settings: TaskiqCancelSettings) -> None:
+        super().__init__()
+        self.queues = SyncQueues(settings)
+
+    @property
+    def name(self) -> str:
+        return "TaskiqStepHandler"
+
+    def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        step_key = _step_key(step_handler_context)
+        args = step_handler_context.execute_step_args
+        message = step_task_message(
+            args.run_id, step_key, _attempt(step_handler_context, step_key), serialize_value(args)
+        )
+        queue = self.queues.names.main
+        self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
+        yield DagsterEvent.step_worker_starting(
+            step_handler_context.get_step_context(step_key),
+            message=f"Sending step {step_key} to SQS queue {queue} as task {message.task_id}.",
+            metadata={"queue": queue, "task_id": message.task_id},
+        )
+
+    def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
+        """Always healthy: nothing here can see a step any better than the workers already do.
+
+        A step whose run is no longer live (for instance because its run process died and run
+        monitoring failed the run) is stopped by the worker's run-storage poll; a lost message is
+        caught by the step's own start timeout, if one is configured. SQS cannot say which
+        worker holds a task, so asking it would only add requests.
+        """
+        return CheckStepHealthResult.healthy()
+
+    def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        """Hint the workers to check the run now; a failed send only delays the stop.
+
+        The executor calls this after the run became CANCELING, so each worker's next poll
+        stops the step even if this message is lost.
+        """
+        run_id = step_handler_context.execute_step_args.run_id
+        step_key = _step_key(step_handler_context)
+        request = CancelRequest(run_id=run_id, step_key=step_key, reason="terminate step")
+        try:
+            self.queues.send(
+                self.queues.names.cancels,
+                request.to_json(),
+                group_id=run_id,
+                dedup_id=request.request_id,
+            )
+        except SqsError as exc:
+            logger.warning(
+                "Cancel message for step %s of run %s not sent (%s); the poll will stop it",
+                step_key,
+                run_id,
+                exc,
+            )
+        yield from ()

@@ -1,0 +1,197 @@
+"""The reconciliation sensor ends CANCELING runs from worker acks, and only CANCELING runs."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+from dagster import DagsterEventType, DagsterRunStatus
+
+from dagster_taskiq_cancel import TaskiqCancelResource, cancel_reconciliation_sensor
+from dagster_taskiq_cancel.messages import CancelAck
+from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
+from dagster_taskiq_cancel_tests.jobs import sleepy_job, stubborn_job
+from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+
+CANCELED = DagsterRunStatus.CANCELED
+
+
+def tick(deployment: Deployment, **resource_fields: Any) -> str:
+    """Evaluate the sensor once, as the daemon would, and return its skip message."""
+    fields = {**deployment.settings.model_dump(exclude_none=True), **resource_fields}
+    context = dg.build_sensor_context(
+        instance=deployment.instance, resources={"taskiq": TaskiqCancelResource(**fields)}
+    )
+    result = cancel_reconciliation_sensor(context)
+    assert isinstance(result, dg.SkipReason)
+    return result.skip_message or ""
+
+
+def tick_until(
+    deployment: Deployment, done: Callable[[], bool], timeout: float = 60, **resource_fields: Any
+) -> list[str]:
+    """Evaluate the sensor until ``done()``; each tick long-polls, so this never spins."""
+    summaries: list[str] = []
+
+    def one_tick() -> bool:
+        summaries.append(tick(deployment, **resource_fields))
+        return done()
+
+    wait_for(one_tick, timeout, "sensor to reconcile", interval=0)
+    return summaries
+
+
+def count(summaries: list[str], what: str) -> int:
+    return sum(int(m) for s in summaries for m in re.findall(rf"{what} (\d+)", s))
+
+
+def send_ack(deployment: Deployment, body: str) -> None:
+    queues = deployment.queues
+    queues.send(queues.names.acks, body, group_id="test", dedup_id=uuid.uuid4().hex)
+
+
+def acks_queue_empty(deployment: Deployment) -> bool:
+    counts = deployment.queues.depths()[deployment.queues.names.acks]
+    return counts["visible"] == 0 and counts["in_flight"] == 0
+
+
+def set_canceling(deployment: Deployment, run_id: str) -> None:
+    run = deployment.instance.get_run_by_id(run_id)
+    assert run is not None
+    deployment.instance.report_run_canceling(run)
+
+
+def test_killed_run_ends_canceled_from_the_workers_ack(deployment: Deployment) -> None:
+    deployment.start_worker("--grace-seconds", "2")
+    run_id = deployment.launch(stubborn_job, seconds=120)
+    pid = deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    assert deployment.instance.run_launcher.terminate(run_id)
+    wait_for(lambda: not pid_alive(pid), 30, f"pid {pid} killed")
+    assert deployment.status(run_id) == DagsterRunStatus.CANCELING, "nobody but the sensor ends it"
+
+    summaries = tick_until(deployment, lambda: deployment.status(run_id) == CANCELED)
+    assert count(summaries, "canceled") == 1
+    assert any("killed" in m for m in deployment.engine_messages(run_id))
+
+
+def test_run_cancelled_before_it_started_is_skipped_and_ends_canceled(
+    deployment: Deployment,
+) -> None:
+    run_id = deployment.launch(sleepy_job)
+    set_canceling(deployment, run_id)
+    deployment.start_worker()
+
+    tick_until(deployment, lambda: deployment.status(run_id) == CANCELED)
+    assert any("skipped" in m for m in deployment.engine_messages(run_id))
+    assert deployment.executions(run_id) == 0
+
+
+def test_cancel_nobody_confirms_times_out_with_a_warning(deployment: Deployment) -> None:
+    run_id = deployment.launch(sleepy_job)
+    deployment.instance.add_run_tags(run_id, {WORKER_ID_TAG: "host-a:123"})
+    set_canceling(deployment, run_id)
+    tick(deployment)
+    assert deployment.status(run_id) == DagsterRunStatus.CANCELING, "120 s default not reached"
+
+    summaries = tick_until(
+        deployment, lambda: deployment.status(run_id) == CANCELED, cancel_timeout_seconds=1
+    )
+    assert count(summaries, "timed out") == 1
+    warnings = [
+        entry.dagster_event.message or ""
+        for entry in deployment.instance.all_logs(run_id)
+        if entry.dagster_event is not None and entry.level == logging.WARNING
+    ]
+    assert any("No worker confirmed" in w and "host-a:123" in w for w in warnings), warnings
+
+
+def test_acks_never_overwrite_a_status_other_than_canceling(deployment: Deployment) -> None:
+    deployment.start_worker()
+    canceled = deployment.launch(sleepy_job, seconds=120)
+    live = deployment.launch(sleepy_job, seconds=120)
+    done = deployment.launch(sleepy_job)
+    deployment.wait_status(done, {DagsterRunStatus.SUCCESS})
+    for run_id in (canceled, live):
+        deployment.op_pid(run_id)
+        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    assert deployment.instance.run_launcher.terminate(canceled)
+    deployment.wait_status(canceled, {CANCELED}, timeout=30)  # Dagster wrote it itself
+    claimed = deployment.create_run(sleepy_job).run_id  # held elsewhere: a skip proves nothing
+    deployment.instance.add_run_tags(claimed, {WORKER_ID_TAG: "host-b:1"})
+    set_canceling(deployment, claimed)
+    for run_id, outcome in ((done, "cancelled"), (live, "killed"), (claimed, "skipped")):
+        forged = CancelAck(run_id=run_id, task_id=run_id, worker_id="forger", outcome=outcome)
+        send_ack(deployment, forged.to_json())
+
+    def all_recorded() -> bool:
+        return all(
+            any("acknowledged" in m for m in deployment.engine_messages(run_id))
+            for run_id in (canceled, live, done, claimed)
+        )
+
+    summaries = tick_until(deployment, all_recorded)
+    assert any("cancelled" in m for m in deployment.engine_messages(canceled))
+    assert deployment.status(canceled) == CANCELED
+    assert deployment.status(done) == DagsterRunStatus.SUCCESS
+    assert deployment.status(live) == DagsterRunStatus.STARTED
+    assert deployment.status(claimed) == DagsterRunStatus.CANCELING
+    assert count(summaries, "canceled") == 0
+    canceled_events = deployment.instance.get_records_for_run(
+        canceled, of_type=DagsterEventType.RUN_CANCELED
+    ).records
+    assert len(canceled_events) == 1
+
+
+def test_malformed_and_unknown_acks_are_deleted_and_the_tick_succeeds(
+    deployment: Deployment,
+) -> None:
+    send_ack(deployment, "{not json")
+    send_ack(deployment, '{"v": 2, "run_id": "r", "worker_id": "w", "outcome": "killed"}')
+    send_ack(deployment, CancelAck(run_id="no-such-run", worker_id="w", outcome="killed").to_json())
+
+    summaries = tick_until(deployment, lambda: acks_queue_empty(deployment))
+    assert count(summaries, "malformed") == 2
+    assert count(summaries, "unknown run") == 1
+
+
+def test_one_hundred_acks_are_handled_within_two_ticks(deployment: Deployment) -> None:
+    run_ids = [deployment.create_run(sleepy_job).run_id for _ in range(100)]
+    for run_id in run_ids:
+        set_canceling(deployment, run_id)
+    entries = [
+        (
+            CancelAck(run_id=run_id, task_id=run_id, worker_id="w", outcome="skipped").to_json(),
+            run_id,
+            uuid.uuid4().hex,
+        )
+        for run_id in run_ids
+    ]
+    assert deployment.queues.send_batch(deployment.queues.names.acks, entries) == []
+
+    durations = []
+    for _ in range(2):
+        started = time.monotonic()
+        tick(deployment)
+        durations.append(time.monotonic() - started)
+        if all(deployment.status(run_id) == CANCELED for run_id in run_ids):
+            break
+    print(f"\n100 acks: tick durations {', '.join(f'{d:.2f}s' for d in durations)}")
+    assert all(deployment.status(run_id) == CANCELED for run_id in run_ids)
+    assert acks_queue_empty(deployment)
+
+
+def test_resource_cancel_run_records_intent_then_hints_like_terminate(
+    deployment: Deployment,
+) -> None:
+    taskiq = TaskiqCancelResource(**deployment.settings.model_dump(exclude_none=True))
+    run_id = deployment.launch(sleepy_job)
+    assert taskiq.cancel_run(deployment.instance, run_id, reason="test")
+    assert deployment.status(run_id) == DagsterRunStatus.CANCELING
+    assert deployment.queues.depths()[taskiq.queue_names.cancels]["visible"] == 1
+    assert not taskiq.cancel_run(deployment.instance, "no-such-run", reason="test")

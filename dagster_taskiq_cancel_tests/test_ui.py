@@ -1,0 +1,242 @@
+"""Terminate through the real Dagster UI in a real browser, on the stack `make dev` starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus
+from playwright.sync_api import Page, expect, sync_playwright
+
+from dagster_taskiq_cancel.dev import DevStack, descendants
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, free_port
+from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.settings import settings_from_env
+from dagster_taskiq_cancel_tests.stack import pid_alive, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+JOB_URL = "/locations/example_project/jobs/long_job"
+SHOTS = REPO / "test-output" / "ui"
+PID_RE = re.compile(r"started run task as pid (\d+)")
+CONFIRM_TO_CANCELED: list[float] = []
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")
+
+
+def start_stack(tmp_path: Path, sqs: MotoServer, workers: int) -> DevStack:
+    env = {
+        **os.environ,
+        **LOCAL_CREDENTIALS,
+        "DAGSTER_TASKIQ_ENDPOINT_URL": sqs.endpoint_url,
+        "DAGSTER_TASKIQ_QUEUE_NAME": f"ui{uuid.uuid4().hex[:10]}",
+        "DAGSTER_TASKIQ_GRACE_SECONDS": "5",
+    }
+    stack = DevStack(REPO, free_port(), workers, env, home=tmp_path / "home")
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+    return stack
+
+
+@pytest.fixture
+def stack(tmp_path: Path, sqs_server: MotoServer) -> Iterator[DevStack]:
+    dev = start_stack(tmp_path, sqs_server, workers=1)
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+@pytest.fixture
+def queued_stack(tmp_path: Path, sqs_server: MotoServer) -> Iterator[DevStack]:
+    dev = start_stack(tmp_path, sqs_server, workers=0)
+    try:
+        yield dev
+    finally:
+        dev.stop()
+
+
+@pytest.fixture
+def page(request: pytest.FixtureRequest) -> Iterator[Page]:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=[
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        tab = browser.new_page(viewport={"width": 1400, "height": 900})
+        try:
+            yield tab
+        finally:
+            if getattr(request.node, "rep_call", None) is None or request.node.rep_call.failed:
+                tab.screenshot(path=str(SHOTS / f"{request.node.name}-failure.png"))
+            browser.close()
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), animations="disabled")
+
+
+def instance_of(stack: DevStack) -> DagsterInstance:
+    return DagsterInstance.from_config(str(stack.home))
+
+
+def graphql_launch(stack: DevStack) -> str:
+    query = """
+    mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+      __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+    params = {
+        "selector": {
+            "repositoryLocationName": "example_project",
+            "repositoryName": "__repository__",
+            "jobName": "long_job",
+        },
+        "runConfigData": {},
+    }
+    request = urllib.request.Request(
+        f"{stack.ui_url}/graphql",
+        data=json.dumps({"query": query, "variables": {"p": params}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        result = json.load(response)["data"]["launchRun"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    return result["run"]["runId"]
+
+
+def launch_from_launchpad(page: Page, stack: DevStack) -> str:
+    page.goto(f"{stack.ui_url}{JOB_URL}/playground")
+    launch = page.get_by_role("button", name=re.compile(r"Launch Run$"))
+    expect(launch).to_be_enabled(timeout=60_000)
+    shot(page, "launchpad")
+    launch.click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
+    return page.url.rsplit("/runs/", 1)[1].split("?")[0]
+
+
+def wait_header(page: Page, text: str, timeout_ms: int = 60_000) -> None:
+    expect(page.get_by_text(text, exact=True).first).to_be_visible(timeout=timeout_ms)
+
+
+def run_pid(instance: DagsterInstance, run_id: str) -> int:
+    def find() -> int | None:
+        for entry in instance.all_logs(run_id):
+            match = (
+                PID_RE.search(entry.dagster_event.message or "") if entry.dagster_event else None
+            )
+            if match:
+                return int(match.group(1))
+        return None
+
+    return wait_for(find, 90, "the worker's start event with the pid")
+
+
+@pytest.mark.parametrize("launch_via", ["launchpad", "graphql"])
+def test_terminate_in_the_ui_ends_canceled(stack: DevStack, page: Page, launch_via: str) -> None:
+    instance = instance_of(stack)
+    if launch_via == "launchpad":
+        run_id = launch_from_launchpad(page, stack)
+    else:
+        run_id = graphql_launch(stack)
+        page.goto(f"{stack.ui_url}/runs/{run_id}")
+    wait_for(
+        lambda: instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTED,  # type: ignore[union-attr]
+        120,
+        "run STARTED",
+    )
+    pid = run_pid(instance, run_id)
+    try:
+        wait_header(page, "Started", 5_000)
+    except AssertionError:
+        page.reload()  # the header can miss the status pushed before its own query (notes P6)
+        wait_header(page, "Started")
+    shot(page, f"{launch_via}-started")
+    page.get_by_role("button", name=re.compile(r"Terminate$")).click()
+    dialog = page.get_by_role("dialog").filter(has_text="Terminate runs")
+    confirm = dialog.get_by_role("button", name="Terminate 1 run", exact=True)
+    expect(confirm).to_be_enabled(timeout=30_000)
+    shot(page, f"{launch_via}-dialog")
+    clicked = time.monotonic()
+    confirm.click()
+    wait_header(page, "Canceled")
+    CONFIRM_TO_CANCELED.append(time.monotonic() - clicked)
+    shot(page, f"{launch_via}-canceled")
+    print(f"\nconfirm click -> header Canceled: {CONFIRM_TO_CANCELED[-1]:.2f}s")
+    wait_for(lambda: not pid_alive(pid), 30, f"worker child {pid} gone")
+    assert instance.get_run_by_id(run_id).status == DagsterRunStatus.CANCELED  # type: ignore[union-attr]
+    wait_for(
+        lambda: any(
+            "cancelled" in (e.dagster_event.message or "")
+            for e in instance.all_logs(run_id)
+            if e.dagster_event and e.dagster_event.event_type_value == "ENGINE_EVENT"
+        ),
+        90,
+        "the sensor's engine event for the worker's ack",
+    )
+    if len(CONFIRM_TO_CANCELED) > 1:
+        print(f"median confirm -> Canceled: {statistics.median(CONFIRM_TO_CANCELED):.2f}s")
+
+
+def test_force_terminate_of_a_run_waiting_in_sqs_then_a_worker_skips_it(
+    queued_stack: DevStack, page: Page
+) -> None:
+    instance = instance_of(queued_stack)
+    run_id = graphql_launch(queued_stack)
+    wait_for(
+        lambda: instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTING,  # type: ignore[union-attr]
+        120,
+        "run STARTING (sent to SQS, no worker yet)",
+    )
+    page.goto(f"{queued_stack.ui_url}/runs/{run_id}")
+    wait_header(page, "Starting")
+    page.get_by_role("button", name=re.compile(r"Terminate$")).click()
+    dialog = page.get_by_role("dialog").filter(has_text="Terminate runs")
+    force = dialog.get_by_role("button", name="Force termination for 1 run", exact=True)
+    expect(force).to_be_enabled(timeout=30_000)
+    shot(page, "force-dialog")
+    force.click()
+    wait_header(page, "Canceled")
+    shot(page, "force-canceled")
+    worker = queued_stack.start_workers(1)
+    queued_stack.processes.append(worker)
+    queues = SyncQueues(settings_from_env(environ=queued_stack.env))
+    wait_for(
+        lambda: queues.depths()[queues.names.main] == {"visible": 0, "in_flight": 0},
+        60,
+        "the worker took the message and deleted it",
+    )
+    assert instance.get_run_by_id(run_id).status == DagsterRunStatus.CANCELED  # type: ignore[union-attr]
+    assert not any(
+        e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_START"
+        for e in instance.all_logs(run_id)
+    )
+
+
+def test_dev_stack_stops_every_process_it_started(tmp_path: Path, sqs_server: MotoServer) -> None:
+    dev = start_stack(tmp_path, sqs_server, workers=2)
+    pids = [p.pid for p in dev.processes] + [d for p in dev.processes for d in descendants(p.pid)]
+    started = time.monotonic()
+    dev.stop()
+    elapsed = time.monotonic() - started
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert elapsed < 60, f"stopping took {elapsed:.1f}s"

@@ -1,5 +1,5 @@
 # `make dev` runs the demo, `make test` runs every test; both set up everything they need.
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -124,21 +124,34 @@ def _apply_ack(
             "latency_seconds": latency,
         },
     )
+    if ack.outcome == "cleanup_failed":
+        _fail_after_cleanup(instance, run.run_id, ack, summary)
+        return
     if ack.step_key is not None or ack.outcome not in STOPPED_OUTCOMES:
         return
     current = _still_canceling(instance, run.run_id)
     if current is None or (ack.outcome == "skipped" and WORKER_ID_TAG in current.tags):
         return
-    if ack.outcome == "cleanup_failed":
-        instance.report_run_failed(
-            current, message=f"Run stopped on {ack.worker_id}; cleanup failed."
-        )
-        summary.failed += 1
-    else:
-        instance.report_run_canceled(
-            current, message=f"Run {ack.outcome} on worker {ack.worker_id}."
-        )
-        summary.canceled += 1
+    instance.report_run_canceled(current, message=f"Run {ack.outcome} on worker {ack.worker_id}.")
+    summary.canceled += 1
+
+
+def _fail_after_cleanup(
+    instance: dg.DagsterInstance, run_id: str, ack: CancelAck, summary: TickSummary
+) -> None:
+    """A failed cleanup handler leaves state behind: FAILURE, also over Dagster's own CANCELED.
+
+    The one write over a terminal status: the ack reports the outcome of this same cancel, which
+    Dagster's interrupt handling marked CANCELED before the handler had run.
+    """
+    current = instance.get_run_by_id(run_id)
+    if current is None or current.status not in (CANCELING, dg.DagsterRunStatus.CANCELED):
+        return
+    target = f"step {ack.step_key}" if ack.step_key else "run"
+    instance.report_run_failed(
+        current, message=f"{target} stopped on {ack.worker_id}; cleanup failed: {ack.detail}"
+    )
+    summary.failed += 1
 
 
 def _receive(queues: SyncQueues, max_messages: int, wait_seconds: int) -> list[dict[str, Any]]:

@@ -40,6 +40,14 @@ class TaskiqCancelSettings(dg.Config):
         gt=0,
         description="How often a worker asks the run storage about every run it holds.",
     )
+    notice_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description=(
+            "Notice before the interrupt: op code sees it through cancellation_requested() "
+            "and may stop by itself. Also per run (tag dagster-taskiq/notice_seconds)."
+        ),
+    )
     grace_seconds: float = Field(
         default=10.0,
         ge=0,

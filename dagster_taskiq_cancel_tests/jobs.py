@@ -11,6 +11,8 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.errors import DagsterExecutionInterruptedError
 
+from dagster_taskiq_cancel import CleanupContext, cancellation_requested, cleanup_on_cancel
+
 
 class MarkerConfig(dg.Config):
     marker_dir: str
@@ -64,3 +66,51 @@ def stubborn_job() -> None:
 @dg.job(executor_def=dg.in_process_executor)
 def failing_job() -> None:
     boom()
+
+
+@dg.op
+def polite(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Checks cancellation_requested() and stops the run itself inside the notice period."""
+    _record_start(context, config.marker_dir)
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        left = cancellation_requested()
+        if left is not None:
+            context.log.info(f"cancel pending, {left:.1f}s left: stopping cleanly")
+            (Path(config.marker_dir) / f"{context.run_id}.polite").write_text(f"{left:.3f}")
+            raise dg.DagsterExecutionInterruptedError()  # stop the run as the interrupt would
+        time.sleep(0.05)
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def polite_job() -> None:
+    polite()
+
+
+def flaky_cleanup(context: CleanupContext) -> None:
+    """Fails on its first two attempts, then records that it ran."""
+    marker = Path(os.environ["TEST_MARKER_DIR"]) / f"{context.run_id}.cleanup"
+    with marker.open("a") as f:
+        f.write(f"{context.attempt} {context.outcome}\n")
+    if context.attempt < 3:
+        raise RuntimeError(f"cleanup attempt {context.attempt} failed")
+
+
+def broken_cleanup(context: CleanupContext) -> None:
+    raise RuntimeError("the scratch bucket is gone")
+
+
+@dg.job(
+    executor_def=dg.in_process_executor,
+    tags=cleanup_on_cancel(flaky_cleanup, attempts=3, backoff_seconds=0.1),
+)
+def flaky_cleanup_job() -> None:
+    sleeper()
+
+
+@dg.job(
+    executor_def=dg.in_process_executor,
+    tags=cleanup_on_cancel(broken_cleanup, attempts=2, backoff_seconds=0.1),
+)
+def broken_cleanup_job() -> None:
+    sleeper()

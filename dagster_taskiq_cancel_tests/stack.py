@@ -150,17 +150,24 @@ class Deployment:
             op_name = next(iter(job.graph.node_dict))
             op_config = {"marker_dir": str(self.markers), "seconds": seconds}
             run_config = {"ops": {op_name: {"config": op_config}}}
+        # As a launch from the UI does, the job's run tags go on the run.
+        tags = {**job.run_tags, **kwargs.pop("tags", {})}
         return self.instance.create_run_for_job(
             job_def=job,
             run_config=run_config,
             job_code_origin=reconstructable(job).get_python_origin(),
+            tags=tags,
             **kwargs,
         )
 
     def launch(
-        self, job: JobDefinition, seconds: float = 0.0, run_config: Mapping[str, Any] | None = None
+        self,
+        job: JobDefinition,
+        seconds: float = 0.0,
+        run_config: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> str:
-        run = self.create_run(job, seconds, run_config)
+        run = self.create_run(job, seconds, run_config, **kwargs)
         self.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
         return run.run_id
 

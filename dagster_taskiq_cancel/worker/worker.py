@@ -15,13 +15,16 @@ import collections
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dagster import DagsterInstance
@@ -31,6 +34,8 @@ from dagster._serdes import deserialize_value, serialize_value
 from taskiq import Context, TaskiqDepends
 
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
+from dagster_taskiq_cancel.cleanup import CleanupContext
+from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV, announce
 from dagster_taskiq_cancel.messages import (
     CancelAck,
     CancelRequest,
@@ -42,6 +47,7 @@ from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, TAG_PREFIX, WORKER_ID_TAG
 from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, is_live, run_statuses
+from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ class HeldTask:
     run_id: str
     step_key: str | None
     process: asyncio.subprocess.Process
+    tags: Mapping[str, str]
+    cancel_file: Path
     request: CancelRequest | None = None
     stop_started_at: float | None = None
     killed: bool = False
@@ -83,6 +91,7 @@ class Worker:
         self._wake = asyncio.Event()
         # One thread for run-storage calls: they block, and sqlite prefers one writer.
         self._storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-storage")
+        self._cancel_dir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-cancel-"))
         self._register_tasks()
 
     # --- tasks -------------------------------------------------------------------------------
@@ -139,7 +148,7 @@ class Worker:
             argv = children.dagster_api_argv("execute_step")
             # Dagster gives the env as [{name, value}] (the k8s shape), not a mapping.
             env = {**os.environ, **{e["name"]: e["value"] for e in step_args.get_command_env()}}
-        await self._run_child(task_id, run_id, step_key, argv, env)
+        await self._run_child(task_id, run_id, step_key, run.tags, argv, env)
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None
@@ -165,11 +174,13 @@ class Worker:
         task_id: str,
         run_id: str,
         step_key: str | None,
+        tags: Mapping[str, str],
         argv: Sequence[str],
         env: Mapping[str, str],
     ) -> None:
-        process = await children.spawn(argv, env)
-        held = HeldTask(task_id, run_id, step_key, process)
+        cancel_file = self._cancel_dir / f"{uuid.uuid4().hex}.deadline"
+        process = await children.spawn(argv, {**env, CANCEL_FILE_ENV: str(cancel_file)})
+        held = HeldTask(task_id, run_id, step_key, process, tags, cancel_file)
         self.held[task_id] = held
         logger.info("Started task %s (run %s) as pid %s", task_id, run_id, process.pid)
         # A cancel may have landed between the start check and the spawn: look again now.
@@ -184,12 +195,19 @@ class Worker:
             held.exited.set()
             self.held.pop(task_id, None)
             children.kill_group(process.pid)
+            cancel_file.unlink(missing_ok=True)
             if all(h.run_id != run_id for h in self.held.values()):
                 self._pending_requests.pop(run_id, None)
         logger.info("Task %s ended with exit code %s", task_id, returncode)
-        if held.stop_started_at is not None:
-            outcome: Outcome = "killed" if held.killed else "cancelled"
-            await self._ack(run_id, step_key, task_id, outcome, f"exit code {returncode}", held)
+        if held.stop_started_at is None:
+            return  # finished on its own: no ack, and never a cleanup
+        outcome: Outcome = "killed" if held.killed else "cancelled"
+        detail = f"exit code {returncode}"
+        context = CleanupContext(run_id, step_key, outcome, 0, dict(tags))
+        error = await run_cleanup(context, os.environ)
+        if error is not None:
+            outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
+        await self._ack(run_id, step_key, task_id, outcome, detail, held)
 
     def _record_start(self, held: HeldTask) -> None:
         """Put who runs the task, and as which pid, in the run's event log."""
@@ -232,27 +250,53 @@ class Worker:
                 self.stop(held)
 
     def stop(self, held: HeldTask) -> None:
-        """SIGTERM the child (Dagster's interrupt), SIGKILL its group after the grace period."""
+        """Notice (the deadline file), then SIGTERM (Dagster's interrupt), then SIGKILL."""
         if held.stop_started_at is not None:
             return
         held.stop_started_at = time.time()
         held.request = self._pending_requests.get(held.run_id)
+        notice, grace = self._timing(held, "notice_seconds"), self._timing(held, "grace_seconds")
         logger.info(
-            "Stopping task %s (pid %s): run is no longer live", held.task_id, held.process.pid
+            "Stopping task %s (pid %s): run is no longer live; notice %ss, grace %ss",
+            held.task_id,
+            held.process.pid,
+            notice,
+            grace,
         )
-        children.signal_process(held.process.pid, signal.SIGTERM)
-        asyncio.get_running_loop().create_task(self._kill_after_grace(held))
+        if notice > 0:
+            announce(held.cancel_file, held.stop_started_at + notice)
+        asyncio.get_running_loop().create_task(self._interrupt(held, notice, grace))
 
-    async def _kill_after_grace(self, held: HeldTask) -> None:
-        grace = self.settings.grace_seconds
-        if held.request is not None and held.request.grace_seconds is not None:
-            grace = held.request.grace_seconds
+    def _timing(self, held: HeldTask, name: str) -> float:
+        """The cancel request's value, else the run tag's, else the setting."""
+        requested = getattr(held.request, name, None) if held.request else None
+        if requested is not None:
+            return float(requested)
+        tag = held.tags.get(f"{TAG_PREFIX}{name}")
+        if tag is not None:
+            try:
+                return max(0.0, float(tag))
+            except ValueError:
+                logger.warning("Ignoring run tag %s%s=%r: not a number", TAG_PREFIX, name, tag)
+        return float(getattr(self.settings, name))
+
+    async def _interrupt(self, held: HeldTask, notice: float, grace: float) -> None:
+        if notice > 0 and await self._exits_within(held, notice):
+            return
+        children.signal_process(held.process.pid, signal.SIGTERM)
+        if await self._exits_within(held, grace):
+            return
+        logger.warning("Task %s did not stop in %ss: SIGKILL", held.task_id, grace)
+        held.killed = True
+        children.kill_group(held.process.pid)
+
+    @staticmethod
+    async def _exits_within(held: HeldTask, seconds: float) -> bool:
         try:
-            await asyncio.wait_for(held.exited.wait(), grace)
+            await asyncio.wait_for(held.exited.wait(), seconds)
         except TimeoutError:
-            logger.warning("Task %s did not stop in %ss: SIGKILL", held.task_id, grace)
-            held.killed = True
-            children.kill_group(held.process.pid)
+            return False
+        return True
 
     # --- cancel queue and acks -------------------------------------------------------------------
 
@@ -319,3 +363,4 @@ class Worker:
 
     def close(self) -> None:
         self._storage.shutdown(wait=False)
+        shutil.rmtree(self._cancel_dir, ignore_errors=True)

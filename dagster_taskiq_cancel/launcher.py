@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Mapping
 from typing import Any, Self
 
+from dagster import DagsterRun
 from dagster import _check as check
 from dagster._core.events import EngineEventData
-from dagster._core.launcher import LaunchRunContext, RunLauncher
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
-from dagster_taskiq_cancel.cancel import request_cancel
+from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
+from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, settings_from_env
 from dagster_taskiq_cancel.tasks import QUEUE_TAG, TASK_ID_TAG, run_task_message
-
-
-def _requested_by() -> str:
-    """Who asked: the webserver calls terminate() for the UI; anything else names its user."""
-    return os.environ.get("DAGSTER_TASKIQ_REQUESTED_BY") or "ui"
 
 
 class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
@@ -79,10 +75,13 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         holding worker's next run-storage poll.
         """
         check.str_param(run_id, "run_id")
-        return request_cancel(
-            self._instance, self.queues, run_id, reason="terminate", requested_by=_requested_by()
-        )
+        requested_by, reason = terminate_requester()
+        return request_cancel(self._instance, self.queues, run_id, reason, requested_by)
 
     @property
     def supports_check_run_worker_health(self) -> bool:
-        return False
+        return True
+
+    def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
+        """FAILED once the worker holding the run stops beating (crashed, killed, lost)."""
+        return worker_health(self._instance, run, self.settings.heartbeat_timeout_seconds)

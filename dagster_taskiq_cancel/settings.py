@@ -76,6 +76,14 @@ class TaskiqCancelSettings(dg.Config):
         ge=0,
         description="On SIGTERM a worker stops receiving and lets running work finish this long.",
     )
+    heartbeat_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Run monitoring fails a run whose worker has not written a heartbeat for this long "
+            "(workers beat every sixth of it)."
+        ),
+    )
     cancel_timeout_seconds: float = Field(
         default=120.0,
         gt=0,

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance
+from dagster import DagsterInstance, DagsterRunStatus
 from dagster._core.events import EngineEventData
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
 from taskiq import Context, TaskiqDepends
 
+from dagster_taskiq_cancel import heartbeats
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV, announce
@@ -200,6 +201,8 @@ class Worker:
                 self._pending_requests.pop(run_id, None)
         logger.info("Task %s ended with exit code %s", task_id, returncode)
         if held.stop_started_at is None:
+            if step_key is None:
+                await self._storage_call(self._fail_if_unfinished, run_id, returncode)
             return  # finished on its own: no ack, and never a cleanup
         outcome: Outcome = "killed" if held.killed else "cancelled"
         detail = f"exit code {returncode}"
@@ -224,18 +227,44 @@ class Worker:
             step_key=held.step_key,
         )
 
+    def _record_shutdown(self, run_id: str, step_key: str | None, task_id: str) -> None:
+        run = self.instance.get_run_by_id(run_id)
+        if run is not None:
+            self.instance.report_engine_event(
+                f"Worker {self.worker_id} is shutting down and its drain time ran out: "
+                f"stopping task {task_id}.",
+                run,
+                step_key=step_key,
+            )
+
+    def _fail_if_unfinished(self, run_id: str, returncode: int) -> None:
+        """A run process that died without ending its run (OOM kill, crash) fails the run."""
+        run = self.instance.get_run_by_id(run_id)
+        if run is not None and not run.is_finished and run.status != DagsterRunStatus.CANCELING:
+            self.instance.report_run_failed(
+                run,
+                f"Run process on worker {self.worker_id} exited with code {returncode} "
+                "before the run finished.",
+            )
+
     # --- stopping ------------------------------------------------------------------------------
 
     async def poll_loop(self) -> None:
-        """Ask the run storage about held runs every poll interval, or at once when woken."""
+        """Ask the run storage about held runs every poll interval, or at once when woken;
+        write this worker's heartbeat every sixth of the heartbeat timeout."""
+        beat_every = self.settings.heartbeat_timeout_seconds / 6
+        last_beat = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
-            self._wake.clear()
             try:
+                if time.monotonic() - last_beat >= beat_every:
+                    await self._storage_call(heartbeats.beat, self.instance, self.worker_id)
+                    last_beat = time.monotonic()
                 await self.check_held()
             except Exception:
                 logger.exception("Run storage check failed; trying again next interval")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
+            self._wake.clear()
 
     async def check_held(self) -> None:
         """One batched query for every held run; stop the tasks of runs no longer live."""
@@ -356,8 +385,16 @@ class Worker:
     # --- shutdown --------------------------------------------------------------------------------
 
     async def stop_all(self) -> None:
-        """Stop every held task as a cancellation would, and wait until each child is gone."""
+        """Stop every held task as a cancellation would, and wait until each child is gone.
+
+        Used when a drain runs out: the run's log says the worker shut down, so the FAILURE
+        that Dagster then records is not mistaken for a crash or a user's cancel.
+        """
         for held in list(self.held.values()):
+            with contextlib.suppress(Exception):
+                await self._storage_call(
+                    self._record_shutdown, held.run_id, held.step_key, held.task_id
+                )
             self.stop(held)
         await asyncio.gather(*(h.exited.wait() for h in list(self.held.values())))
 

@@ -6,11 +6,16 @@ Both carry ``"v": 1`` and are validated on receipt. A body that fails validation
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import time
 import uuid
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -23,7 +28,9 @@ class MalformedMessage(ValueError):
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+    # No NaN or Infinity: JSON cannot carry them back (they are sent on as null), and an
+    # infinite grace_seconds would mean a stop that never reaches SIGKILL.
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True, allow_inf_nan=False)
 
     v: Literal[1] = 1
 
@@ -61,6 +68,67 @@ class CancelAck(_Message):
 M = TypeVar("M", bound=_Message)
 
 
+class Codec:
+    """Message bodies on the wire: plain JSON, or signed when a key is configured.
+
+    A signed body is ``{"signed": <message JSON>, "ts": <epoch>, "mac": <hex>}`` with the
+    HMAC-SHA256 of ``"<ts>.<message JSON>"``. With a key, only fresh, well signed bodies are
+    accepted; without one, both forms are read as hints (the run storage decides anyway).
+    """
+
+    def __init__(self, key: str | None = None, max_age_seconds: float = 300.0) -> None:
+        self._key = key.encode() if key else None
+        self.max_age_seconds = max_age_seconds
+
+    def _mac(self, ts: float, inner: str) -> str:
+        assert self._key is not None
+        return hmac.new(self._key, f"{ts!r}.{inner}".encode(), hashlib.sha256).hexdigest()
+
+    def dumps(self, message: _Message) -> str:
+        inner = message.to_json()
+        if self._key is None:
+            return inner
+        ts = time.time()
+        return json.dumps({"signed": inner, "ts": ts, "mac": self._mac(ts, inner)})
+
+    def loads(self, kind: type[M], body: str | bytes) -> M:
+        """Verify (when keyed) and validate ``body``; ``MalformedMessage`` says why not."""
+        raw = body.encode() if isinstance(body, str) else body
+        if len(raw) > MAX_BODY_BYTES:
+            raise MalformedMessage(f"body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
+        envelope = _envelope(raw)
+        if envelope is None:
+            if self._key is not None:
+                raise MalformedMessage("unsigned message rejected: a signing key is configured")
+            return parse_message(kind, raw)
+        inner, ts, mac = envelope
+        if self._key is not None:
+            if not hmac.compare_digest(mac, self._mac(ts, inner)):
+                raise MalformedMessage("bad signature")
+            if abs(time.time() - ts) > self.max_age_seconds:
+                raise MalformedMessage(f"stale signature ({time.time() - ts:.0f}s old)")
+        return parse_message(kind, inner)
+
+
+def _envelope(raw: bytes) -> tuple[str, float, str] | None:
+    """The parts of a signed envelope, or None when ``raw`` is not one."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or "signed" not in data:
+        return None
+    inner, ts, mac = data.get("signed"), data.get("ts"), data.get("mac")
+    if (
+        not isinstance(inner, str)
+        or isinstance(ts, bool)
+        or not isinstance(ts, int | float)
+        or not isinstance(mac, str)
+    ):
+        raise MalformedMessage("malformed signature envelope")
+    return inner, float(ts), mac
+
+
 def parse_message(kind: type[M], body: str | bytes) -> M:
     """Validate ``body`` as ``kind`` or raise ``MalformedMessage`` with a short reason."""
     raw = body.encode() if isinstance(body, str) else body
@@ -72,3 +140,7 @@ def parse_message(kind: type[M], body: str | bytes) -> M:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise MalformedMessage(f"not a {kind.__name__} v1: {where}: {first['msg']}") from None
+
+
+def codec_for(settings: TaskiqCancelSettings) -> Codec:
+    return Codec(settings.signing_key, settings.signature_max_age_seconds)

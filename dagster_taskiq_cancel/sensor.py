@@ -23,7 +23,7 @@ from dagster_taskiq_cancel.messages import (
     STOPPED_OUTCOMES,
     CancelAck,
     MalformedMessage,
-    parse_message,
+    codec_for,
 )
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.resource import TaskiqCancelResource
@@ -189,9 +189,10 @@ def _handle_batch(
     """Handle up to ten acks with one run query; delete those handled even if one raises."""
     handled: list[str] = []
     acks: list[tuple[Mapping[str, Any], CancelAck]] = []
+    codec = codec_for(queues.settings)
     for message in messages:
         try:
-            acks.append((message, parse_message(CancelAck, message.get("Body", ""))))
+            acks.append((message, codec.loads(CancelAck, message.get("Body", ""))))
         except MalformedMessage as exc:
             log.warning("Deleting malformed cancel ack %s: %s", message.get("MessageId"), exc)
             summary.malformed += 1

@@ -90,6 +90,18 @@ class TaskiqCancelSettings(dg.Config):
         description="A CANCELING run with no worker acknowledgement is marked CANCELED after this.",
     )
 
+    signing_key: str | None = Field(
+        default=None,
+        repr=False,
+        description=(
+            "Shared key for HMAC-SHA256 signatures on cancel requests and acks; when set, "
+            "unsigned, badly signed or stale messages are rejected. Prefer the environment."
+        ),
+    )
+    signature_max_age_seconds: float = Field(
+        default=300.0, gt=0, description="Signed messages older than this are rejected as stale."
+    )
+
     @classmethod
     def env_var(cls, field_name: str) -> str:
         """The environment variable that sets ``field_name``."""

@@ -17,7 +17,7 @@ from dagster._core.executor.step_delegating import (
 )
 from dagster._serdes import serialize_value
 
-from dagster_taskiq_cancel.messages import CancelRequest
+from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import step_task_message
@@ -90,7 +90,7 @@ class TaskiqStepHandler(StepHandler):
         try:
             self.queues.send(
                 self.queues.names.cancels,
-                request.to_json(),
+                codec_for(self.queues.settings).dumps(request),
                 group_id=run_id,
                 dedup_id=request.request_id,
             )

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from dagster_taskiq_cancel.launcher import TaskiqRunLauncher
-from dagster_taskiq_cancel.messages import CancelAck, CancelRequest, MalformedMessage, parse_message
+from dagster_taskiq_cancel.messages import (
+    CancelAck,
+    CancelRequest,
+    Codec,
+    MalformedMessage,
+    parse_message,
+)
 from dagster_taskiq_cancel.queues import QueueNames, endpoint_for
 from dagster_taskiq_cancel.settings import SettingsError, TaskiqCancelSettings, settings_from_env
 from dagster_taskiq_cancel.tasks import run_task_message, step_task_id
@@ -92,3 +98,29 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in TaskiqCancelSettings.model_fields:
         assert f"| `{name}` | `{TaskiqCancelSettings.env_var(name)}` |" in readme, name
+
+
+def test_signed_messages_verify_and_reject_unsigned_forged_and_stale() -> None:
+    signer = Codec("s3cret", max_age_seconds=60)
+    request = CancelRequest(run_id="r1")
+    signed = signer.dumps(request)
+    assert "s3cret" not in signed
+    assert signer.loads(CancelRequest, signed) == request
+    assert Codec().loads(CancelRequest, signed) == request, "without a key: still a hint"
+    with pytest.raises(MalformedMessage, match="unsigned"):
+        signer.loads(CancelRequest, request.to_json())
+    with pytest.raises(MalformedMessage, match="bad signature"):
+        Codec("other").loads(CancelRequest, signed)
+    envelope = json.loads(signed)
+    envelope["signed"] = envelope["signed"].replace("r1", "r2")
+    with pytest.raises(MalformedMessage, match="bad signature"):
+        signer.loads(CancelRequest, json.dumps(envelope))
+    stale = Codec("s3cret", max_age_seconds=0.000001)
+    with pytest.raises(MalformedMessage, match="stale"):
+        stale.loads(CancelRequest, signed)
+
+
+def test_signing_key_is_never_shown() -> None:
+    settings = TaskiqCancelSettings(signing_key="s3cret")
+    assert "s3cret" not in repr(settings)
+    assert "s3cret" not in str(settings)

@@ -42,7 +42,7 @@ from dagster_taskiq_cancel.messages import (
     CancelRequest,
     MalformedMessage,
     Outcome,
-    parse_message,
+    codec_for,
 )
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, TAG_PREFIX, WORKER_ID_TAG
@@ -90,6 +90,8 @@ class Worker:
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending_requests: dict[str, CancelRequest] = {}
         self._wake = asyncio.Event()
+        self.codec = codec_for(settings)
+        self.rejected = 0
         # One thread for run-storage calls: they block, and sqlite prefers one writer.
         self._storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-storage")
         self._cancel_dir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-cancel-"))
@@ -339,10 +341,14 @@ class Worker:
 
     async def _handle_cancel(self, message: Mapping[str, Any]) -> None:
         try:
-            request = parse_message(CancelRequest, message.get("Body", ""))
+            request = self.codec.loads(CancelRequest, message.get("Body", ""))
         except MalformedMessage as exc:
+            self.rejected += 1
             logger.warning(
-                "Deleting malformed cancel message %s: %s", message.get("MessageId"), exc
+                "Deleting malformed cancel message %s: %s (%d rejected so far)",
+                message.get("MessageId"),
+                exc,
+                self.rejected,
             )
             return
         if any(h.run_id == request.run_id for h in self.held.values()):
@@ -377,7 +383,10 @@ class Worker:
         )
         try:
             await self.broker.send(
-                self.broker.names.acks, ack.to_json(), group_id=run_id, dedup_id=uuid.uuid4().hex
+                self.broker.names.acks,
+                self.codec.dumps(ack),
+                group_id=run_id,
+                dedup_id=uuid.uuid4().hex,
             )
         except Exception as exc:
             logger.warning("Could not send %s ack for run %s: %s", outcome, run_id, exc)

@@ -7,6 +7,7 @@ Every settings field is also an option (``--poll-interval-seconds``); options ov
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import sys
@@ -14,7 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from dagster import DagsterInstance, DagsterRunStatus
+from dagster._core.errors import DagsterHomeNotSetError
 
+from dagster_taskiq_cancel.bulk import (
+    DEFAULT_STATUSES,
+    BulkCancelResult,
+    EmptyFilterError,
+    cancel_runs,
+)
+from dagster_taskiq_cancel.cancel import environment_user
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import (
     SettingsError,
@@ -131,3 +141,93 @@ def dev(port: int, workers: int) -> None:
     from dagster_taskiq_cancel.dev import run_dev
 
     sys.exit(run_dev(port, workers))
+
+
+def _parse_tags(
+    _ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    tags = {}
+    for value in values:
+        key, sep, tag_value = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{value!r} is not KEY=VALUE")
+        tags[key] = tag_value
+    return tags
+
+
+def _echo_result(result: BulkCancelResult) -> None:
+    """Counts per status before the cancel and per action, then one line per run."""
+    by_status = ", ".join(f"{status} {n}" for status, n in sorted(result.by_status.items()))
+    by_action = ", ".join(f"{action} {n}" for action, n in sorted(result.by_action.items()))
+    click.echo(f"runs by status: {by_status or 'none matched'}")
+    click.echo(f"actions: {by_action or 'none'}")
+    if result.hints_unsent:
+        click.echo(
+            f"{result.hints_unsent} cancel messages not sent: workers stop those at their next poll"
+        )
+    click.echo(f"{'RUN ID':36}  {'STATUS BEFORE':13}  {'ACTION':12}  ERROR")
+    for o in result.outcomes:
+        before = o.status_before.value if o.status_before else "missing"
+        click.echo(f"{o.run_id:36}  {before:13}  {o.action:12}  {o.error or ''}")
+
+
+@main.command()
+@click.option("--run-id", "run_ids", multiple=True, help="A run to cancel (repeatable).")
+@click.option("--tag", "tags", multiple=True, callback=_parse_tags, help="KEY=VALUE (repeatable).")
+@click.option("--job", "job_name", default=None, help="Only runs of this job.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(
+        [s.value for s in (*DEFAULT_STATUSES, DagsterRunStatus.CANCELING)], case_sensitive=False
+    ),
+    help="Only runs in this status (repeatable) [default: QUEUED, NOT_STARTED, STARTING, STARTED].",
+)
+@click.option("--reason", default="", help="Why, for the audit trail in each run's event log.")
+@click.option(
+    "--requested-by",
+    default=environment_user,
+    show_default="the current user",
+    help="Who asks, for the audit trail.",
+)
+@click.option("--dry-run", is_flag=True, help="Only print what would be cancelled.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def cancel(
+    run_ids: tuple[str, ...],
+    tags: dict[str, str],
+    job_name: str | None,
+    statuses: tuple[str, ...],
+    reason: str,
+    requested_by: str,
+    dry_run: bool,
+    yes: bool,
+) -> None:
+    """Cancel many runs at once, selected by run id, tag, job and status."""
+    try:
+        instance = DagsterInstance.get()
+    except DagsterHomeNotSetError as exc:
+        raise click.ClickException(str(exc)) from None
+    select = functools.partial(
+        cancel_runs,
+        instance,
+        run_ids=run_ids,
+        tags=tags,
+        job_name=job_name,
+        statuses=[DagsterRunStatus(s.upper()) for s in statuses],
+        reason=reason,
+        requested_by=requested_by,
+    )
+    try:
+        if dry_run or not yes:
+            preview = select(dry_run=True)
+            _echo_result(preview)
+            if dry_run or not preview.by_action["would_cancel"]:
+                return
+            click.confirm(f"Cancel {preview.by_action['would_cancel']} runs?", abort=True)
+        result = select()
+    except (EmptyFilterError, SettingsError, SqsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _echo_result(result)
+    if not result.ok:
+        sys.exit(1)

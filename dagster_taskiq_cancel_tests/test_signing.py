@@ -1,0 +1,36 @@
+"""With a signing key, forged and unsigned cancel messages are rejected; signed ones work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import DagsterRunStatus
+
+from dagster_taskiq_cancel.local_sqs import MotoServer
+from dagster_taskiq_cancel.messages import CancelRequest, Codec
+from dagster_taskiq_cancel_tests.jobs import sleepy_job
+from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+
+
+def test_signed_deployment_rejects_forgeries_and_still_cancels(
+    tmp_path: Path, sqs_server: MotoServer
+) -> None:
+    deployment = Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret")
+    try:
+        deployment.start_worker()
+        run_id = deployment.launch(sleepy_job, seconds=300)
+        pid = deployment.op_pid(run_id)
+        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+        cancels = deployment.queues.names.cancels
+        forged = Codec("wrong-key").dumps(CancelRequest(run_id=run_id))
+        deployment.queues.send(cancels, forged, run_id, "forged")
+        deployment.queues.send(cancels, CancelRequest(run_id=run_id).to_json(), run_id, "plain")
+        wait_for(lambda: "2 rejected so far" in deployment.worker_log(0), 30, "two rejections")
+        assert "team-secret" not in deployment.worker_log(0)
+        assert pid_alive(pid), "a rejected message never stops anything"
+        assert deployment.instance.run_launcher.terminate(run_id)
+        wait_for(lambda: not pid_alive(pid), 15, "the signed cancel stops the run")
+        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
+        assert "rejected" not in deployment.worker_log(0).split("2 rejected so far", 1)[1]
+    finally:
+        deployment.stop()

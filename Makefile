@@ -3,13 +3,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The tests' second SQS server. It pins a botocore that aioboto3 cannot use, so it gets a venv of
+# its own inside .venv (dagster_taskiq_cancel.local_sqs.MINISTACK_VENV finds it there).
+MINISTACK := 1.5.33
 
-.PHONY: dev test lint format chromium clean
+.PHONY: dev test lint format chromium clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	test -x $(VENV)/ministack/bin/python || $(BIN)/python -m venv $(VENV)/ministack
+	$(VENV)/ministack/bin/pip install --quiet ministack==$(MINISTACK)
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -29,6 +34,11 @@ test: $(STAMP) chromium lint
 
 dev: $(STAMP)
 	$(BIN)/dagster-taskiq-cancel dev
+
+# Figures beside the peers' (not part of `make test`): prints a table, writes
+# benchmarks/results/latest.json. `python -m benchmarks --help` for --size long, --sqs, --only.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) .dagster_home test-output

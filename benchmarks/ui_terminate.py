@@ -1,0 +1,149 @@
+"""Scenario 2: terminate → CANCELED through the UI's own GraphQL mutation, ours vs Dagster's
+DefaultRunLauncher, both `dagster dev` stacks up at once on the same example project.
+
+Each pair launches ``long_job`` on both stacks, waits until its step runs and times
+``terminateRuns(SAFE_TERMINATE)`` until ``runOrError`` says CANCELED: the path behind the
+UI's Terminate button, without the browser's rendering in the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.harness import REPO, Context
+from benchmarks.stats import Row, pairwise_ratio_row
+from dagster_taskiq_cancel.dev import DevStack
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, free_port
+from dagster_taskiq_cancel_tests.stack import wait_for
+
+LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
+  __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+TERMINATE = """mutation($ids: [String!]!) {
+  terminateRuns(runIds: $ids, terminatePolicy: SAFE_TERMINATE) { __typename
+    ... on TerminateRunsResult { terminateRunResults { __typename
+      ... on TerminateRunFailure { message } ... on PythonError { message } } }
+    ... on PythonError { message } } }"""
+STATUS = """query($id: ID!) { runOrError(runId: $id) { __typename
+  ... on Run { status stepStats { status } } } }"""
+JOB = {
+    "repositoryLocationName": "example_project",
+    "repositoryName": "__repository__",
+    "jobName": "long_job",
+}
+
+
+def graphql(stack: DevStack, query: str, **variables: Any) -> dict[str, Any]:
+    """POST one GraphQL document to the stack's webserver; fail on GraphQL errors."""
+    request = urllib.request.Request(
+        f"{stack.ui_url}/graphql",
+        data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        body = json.load(response)
+    if body.get("errors"):
+        raise RuntimeError(f"GraphQL errors: {body['errors']}")
+    return body["data"]
+
+
+def status(stack: DevStack, run_id: str) -> str:
+    return graphql(stack, STATUS, id=run_id)["runOrError"].get("status", "")
+
+
+def step_running(stack: DevStack, run_id: str) -> bool:
+    run = graphql(stack, STATUS, id=run_id)["runOrError"]
+    return run.get("status") == "STARTED" and any(
+        step["status"] == "IN_PROGRESS" for step in run.get("stepStats", [])
+    )
+
+
+def launch(stack: DevStack) -> str:
+    result = graphql(stack, LAUNCH, p={"selector": JOB, "runConfigData": {}})["launchRun"]
+    if result["__typename"] != "LaunchRunSuccess":
+        raise RuntimeError(f"launchRun: {result}")
+    return result["run"]["runId"]
+
+
+def terminate_to_canceled(stack: DevStack) -> float:
+    """Launch, wait until its step runs, then time terminateRuns → CANCELED (polled every 20 ms).
+
+    Waiting for the step (not only STARTED) keeps out a Dagster race that both launchers hit:
+    a run interrupted while its multiprocess executor is still spawning the step process can
+    ignore the interrupt until it is killed (ours: SIGKILL after grace_seconds).
+    """
+    run_id = launch(stack)
+    wait_for(lambda: step_running(stack, run_id), 180, f"run {run_id} step in progress")
+    started = time.monotonic()
+    result = graphql(stack, TERMINATE, ids=[run_id])["terminateRuns"]
+    outcomes = [r["__typename"] for r in result.get("terminateRunResults", [])]
+    if outcomes != ["TerminateRunSuccess"]:
+        raise RuntimeError(f"terminateRuns: {result}")
+    wait_for(lambda: status(stack, run_id) == "CANCELED", 120, f"run {run_id} CANCELED")
+    return time.monotonic() - started
+
+
+def default_launcher_root(root: Path) -> Path:
+    """A folder like the repository's, but whose dagster.yaml has no run_launcher: Dagster's
+    DefaultRunLauncher with the same coordinator and monitoring as ours."""
+    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config.pop("run_launcher")
+    (root / "dagster.yaml").write_text(yaml.safe_dump(config))
+    workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())
+    for entry in workspace["load_from"]:
+        entry["python_module"]["working_directory"] = str(REPO)
+    (root / "workspace.yaml").write_text(yaml.safe_dump(workspace))
+    return root
+
+
+def stack_env(ctx: Context) -> dict[str, str]:
+    """Own queues per stack: the example's reconciliation sensor runs in both and reads acks."""
+    return {
+        **os.environ,
+        **LOCAL_CREDENTIALS,
+        "DAGSTER_TASKIQ_ENDPOINT_URL": ctx.endpoint_url,
+        "DAGSTER_TASKIQ_QUEUE_NAME": f"ui{uuid.uuid4().hex[:10]}",
+        "DAGSTER_TASKIQ_GRACE_SECONDS": "5",
+    }
+
+
+def start_stacks(ctx: Context) -> tuple[DevStack, DevStack]:
+    ours_home = ctx.scratch("ui-ours") / "home"
+    default_root = default_launcher_root(ctx.scratch("ui-default"))
+    ours = DevStack(REPO, free_port(), 1, stack_env(ctx), home=ours_home)
+    default = DevStack(default_root, free_port(), 0, stack_env(ctx), home=default_root / "home")
+    return ours, default
+
+
+def run(ctx: Context) -> list[Row]:
+    ours, default = start_stacks(ctx)
+    try:
+        with ThreadPoolExecutor(2) as pool:  # both start at once: half the wall time
+            for future in [pool.submit(ours.start), pool.submit(default.start)]:
+                future.result()
+        mine: list[float] = []
+        theirs: list[float] = []
+        for index in range(ctx.size.ui_pairs):
+            order = [(ours, mine), (default, theirs)]
+            for stack, samples in order if index % 2 == 0 else reversed(order):
+                samples.append(terminate_to_canceled(stack))
+    finally:
+        for stack in (ours, default):
+            stack.stop()
+    return [
+        pairwise_ratio_row(
+            "2 GraphQL terminateRuns",
+            "terminate → CANCELED [s]",
+            mine,
+            theirs,
+            "DefaultRunLauncher",
+        )
+    ]

@@ -28,7 +28,7 @@ from dagster_taskiq_cancel.queues import (
     describe_client_error,
 )
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import TASK_NAMES
+from dagster_taskiq_cancel.tasks import TASK_KWARGS, TASK_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,22 @@ class CancellableSqsBroker(AsyncBroker):
         await self._client.send_message(**kwargs)
 
     async def delete(self, name: str, receipt_handle: str) -> None:
-        await self._client.delete_message(QueueUrl=self._urls[name], ReceiptHandle=receipt_handle)
+        """Delete one message; a failure is logged, never raised: the message only comes back.
+
+        A stale receipt handle (the message was received again elsewhere) is an error on some SQS
+        implementations and a no-op on others; a redelivered task is dropped as a duplicate and a
+        cancel request is only a hint, so neither must end the loop that deletes it.
+        """
+        try:
+            await self._client.delete_message(
+                QueueUrl=self._urls[name], ReceiptHandle=receipt_handle
+            )
+        except _SQS_ERRORS as exc:
+            logger.warning(
+                "Could not delete a message from %s: %s",
+                name,
+                describe_client_error(exc, self.settings),
+            )
 
     async def receive(
         self, name: str, max_messages: int, visibility_timeout: int | None = None
@@ -125,7 +140,7 @@ class CancellableSqsBroker(AsyncBroker):
             for message in messages:
                 body = message.get("Body", "")
                 receipt = message["ReceiptHandle"]
-                reason = self._reject_reason(body)
+                reason = self.reject_reason(body)
                 if reason is not None:
                     logger.warning(
                         "Deleting malformed task message %s: %s", message.get("MessageId"), reason
@@ -137,13 +152,26 @@ class CancellableSqsBroker(AsyncBroker):
                     ack=_Ack(self, self.names.main, receipt),
                 )
 
-    def _reject_reason(self, body: str) -> str | None:
+    def reject_reason(self, body: str) -> str | None:
+        """Why ``body`` is not one of our tasks, or None if it is.
+
+        Checked before a slot is used, so that bad input is logged with its SQS message id and
+        deleted here instead of failing (or steering taskiq through labels) inside the Receiver.
+        """
         try:
             task_message = self.formatter.loads(body.encode())
         except Exception as exc:
             return f"not a taskiq message ({type(exc).__name__})"
-        if task_message.task_name not in TASK_NAMES:
-            return f"unknown task name {task_message.task_name!r}"
+        name, kwargs = task_message.task_name, task_message.kwargs
+        expected = TASK_KWARGS.get(name)
+        if expected is None:
+            return f"unknown task name {name!r}"
+        if task_message.args or kwargs.keys() != expected:
+            return f"{name} takes only the keyword arguments {sorted(expected)}"
+        if not all(isinstance(value, str) for value in kwargs.values()):
+            return f"{name} takes only strings"
+        if not task_message.labels.keys() <= TASK_LABELS or task_message.labels_types:
+            return f"unexpected labels {sorted(task_message.labels)}"
         return None
 
 

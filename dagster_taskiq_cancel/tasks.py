@@ -7,6 +7,7 @@ handlers under the same names.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from taskiq import TaskiqMessage
@@ -14,7 +15,14 @@ from taskiq.formatters.json_formatter import JSONFormatter
 
 EXECUTE_RUN = "dagster_taskiq_cancel.execute_run"
 EXECUTE_STEP = "dagster_taskiq_cancel.execute_step"
-TASK_NAMES = frozenset({EXECUTE_RUN, EXECUTE_STEP})
+# Each task's keyword arguments (all strings) and the only label it carries: the worker checks
+# them before a slot is used, and taskiq must not see labels it acts on (``ack_type``, ``timeout``).
+TASK_KWARGS: Mapping[str, frozenset[str]] = {
+    EXECUTE_RUN: frozenset({"run_id"}),
+    EXECUTE_STEP: frozenset({"run_id", "step_key", "execute_step_args"}),
+}
+TASK_NAMES = frozenset(TASK_KWARGS)
+TASK_LABELS = frozenset({"run_id"})
 
 TAG_PREFIX = "dagster-taskiq/"
 TASK_ID_TAG = f"{TAG_PREFIX}task_id"

@@ -6,15 +6,26 @@ from pathlib import Path
 
 import pytest
 
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, SERVERS, LocalSqsServer
 from dagster_taskiq_cancel_tests.stack import Deployment
 
 os.environ.update(LOCAL_CREDENTIALS)
 
 
-@pytest.fixture(scope="session")
-def sqs_server() -> Iterator[MotoServer]:
-    server = MotoServer().start()
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--soak-runs",
+        type=int,
+        default=40,
+        help="runs in the soak test (the short form fits `make test`; the long form is 200)",
+    )
+
+
+@pytest.fixture(scope="session", params=list(SERVERS), ids=list(SERVERS))
+def sqs_server(request: pytest.FixtureRequest) -> Iterator[LocalSqsServer]:
+    """Each integration test runs against two independent SQS implementations, so that none
+    passes only because one emulator forgives what AWS does not."""
+    server = SERVERS[request.param]().start()
     try:
         yield server
     finally:
@@ -22,7 +33,7 @@ def sqs_server() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, sqs_server: MotoServer) -> Iterator[Deployment]:
+def deployment(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[Deployment]:
     stack = Deployment(tmp_path, sqs_server.endpoint_url)
     try:
         yield stack

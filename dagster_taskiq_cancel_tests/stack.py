@@ -39,7 +39,7 @@ def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone before, or while, it was read
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
@@ -76,7 +76,14 @@ def stop_process(
 class Deployment:
     """Queues, a Dagster home and worker processes that share them."""
 
-    def __init__(self, root: Path, endpoint_url: str, **settings: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        endpoint_url: str,
+        instance_config: Mapping[str, Any] | None = None,
+        **settings: Any,
+    ) -> None:
+        """``instance_config`` adds top-level dagster.yaml keys (storage, run coordinator)."""
         self.root = root
         self.home = root / "dagster_home"
         self.home.mkdir(parents=True, exist_ok=True)
@@ -102,6 +109,7 @@ class Deployment:
                         "config": launcher_config,
                     },
                     "telemetry": {"enabled": False},
+                    **(instance_config or {}),
                 }
             )
         )

@@ -114,28 +114,6 @@ def test_redelivered_and_duplicated_run_messages_execute_once(
         deployment.stop()
 
 
-def test_malformed_and_unknown_cancels_are_set_aside_and_the_worker_keeps_working(
-    deployment: Deployment,
-) -> None:
-    proc = deployment.start_worker()
-    cancels = deployment.queues.names.cancels
-    bodies = {
-        "not json": "{nope",
-        "unknown version": '{"v": 2, "run_id": "x"}',
-        "wrong types": '{"v": 1, "run_id": 5}',
-        "unknown run": '{"v": 1, "run_id": "no-such-run"}',
-    }
-    ids = {what: deployment.queues.send(cancels, body, "g", what) for what, body in bodies.items()}
-    deployment.queues.send(deployment.queues.names.main, "garbage", "g", "garbage")
-    wait_for(deployment.queue_empty, 30, "malformed messages deleted")
-    log = deployment.worker_log(0)
-    for what in ("not json", "unknown version", "wrong types"):
-        assert ids[what] in log, f"{what} not logged with its message id"
-    assert proc.poll() is None
-    run_id = deployment.launch(sleepy_job)
-    deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS})
-
-
 def test_worker_exits_on_sigterm_and_leaves_no_child(deployment: Deployment) -> None:
     proc = deployment.start_worker()
     run_id = deployment.launch(sleepy_job, seconds=300)

@@ -29,7 +29,11 @@ SHOTS = REPO / "test-output" / "ui"
 PID_RE = re.compile(r"started run task as pid (\d+)")
 CONFIRM_TO_CANCELED: list[float] = []
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium"),
+    # Browser tests are slow and exercise the UI, not SQS: moto only.
+    pytest.mark.parametrize("sqs_server", ["moto"], indirect=True),
+]
 
 
 def start_stack(tmp_path: Path, sqs: MotoServer, workers: int) -> DevStack:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 from dagster._core.events import EngineEventData
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
@@ -53,6 +53,7 @@ from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 logger = logging.getLogger(__name__)
 
 CLAIM_TAG = f"{TAG_PREFIX}claim"
+_CLAIM_EVENT = "Run task claimed by"
 _RECENT_TASKS = 10_000
 _CONTEXT: Any = TaskiqDepends()  # taskiq injects the message context here
 
@@ -159,16 +160,31 @@ class Worker:
             self._recent.popitem(last=False)
 
     async def _claim(self, run_id: str) -> bool:
-        """Tag the run as ours and read it back; lose to any claim written before ours."""
+        """Claim the run for this worker; of concurrent claims, the first in the event log wins.
+
+        A tag written and read back is not enough: two workers that receive copies of the task
+        at the same moment both write the tag and may each read back their own. The event log
+        orders entries by storage id, so every claimer agrees on which claim came first.
+        """
         token = f"{self.worker_id}/{uuid.uuid4().hex}"
 
         def claim() -> bool:
             run = self.instance.get_run_by_id(run_id)
             if run is None or CLAIM_TAG in run.tags:
                 return False
+            self.instance.report_engine_event(f"{_CLAIM_EVENT} {token}.", run)
+            events = self.instance.get_records_for_run(
+                run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=True
+            ).records
+            messages = [
+                record.event_log_entry.dagster_event.message or ""
+                for record in events
+                if record.event_log_entry.dagster_event is not None
+            ]
+            if token not in next(m for m in messages if m.startswith(_CLAIM_EVENT)):
+                return False
             self.instance.add_run_tags(run_id, {CLAIM_TAG: token, WORKER_ID_TAG: self.worker_id})
-            run = self.instance.get_run_by_id(run_id)
-            return run is not None and run.tags.get(CLAIM_TAG) == token
+            return True
 
         return await self._storage_call(claim)
 

@@ -1,0 +1,204 @@
+"""Bad input on every queue: the parsers never raise anything but their own rejection, and a real
+worker and sensor log each bad message with its SQS message id, delete it, and keep working."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from dagster import DagsterRunStatus
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dagster_taskiq_cancel.broker import CancellableSqsBroker
+from dagster_taskiq_cancel.messages import CancelAck, CancelRequest, MalformedMessage, parse_message
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.tasks import (
+    EXECUTE_RUN,
+    TASK_KWARGS,
+    TASK_NAMES,
+    run_task_message,
+    step_task_message,
+)
+from dagster_taskiq_cancel_tests.jobs import sleepy_job
+from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
+from dagster_taskiq_cancel_tests.test_sensor import acks_queue_empty, count, tick_until
+
+PROPERTY = settings(max_examples=300, deadline=None, database=None)
+# Between the 64 KiB our messages may have and the 256 KiB SQS lets through.
+OVERSIZED_PAD = "x" * (100 * 1024)
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+# Values a real sender might put in a field, so that many generated bodies are nearly valid.
+PLAUSIBLE = st.sampled_from(
+    [1, 2, 0, -1, 1.5, 1e308, math.nan, math.inf, "", "r", "killed", None, True, [], {}]
+)
+FIELD_VALUES = JSON_VALUES | PLAUSIBLE
+
+
+def _dumps(value: Any) -> str:
+    """JSON as a careless sender writes it: NaN and Infinity included."""
+    return json.dumps(value)
+
+
+def _field_dicts(names: list[str]) -> st.SearchStrategy[str]:
+    """JSON objects with any subset of ``names``, each of a random type."""
+    return st.fixed_dictionaries({}, optional=dict.fromkeys(names, FIELD_VALUES)).map(_dumps)
+
+
+def _near_misses(valid: dict[str, Any]) -> st.SearchStrategy[str | bytes]:
+    """A valid message with a few fields replaced by random values or dropped."""
+    changes = st.dictionaries(st.sampled_from(sorted(valid)), FIELD_VALUES, min_size=1, max_size=2)
+    dropped = st.sets(st.sampled_from(sorted(valid)), max_size=1)
+    return st.builds(
+        lambda c, d: _dumps({k: v for k, v in {**valid, **c}.items() if k not in d}),
+        changes,
+        dropped,
+    )
+
+
+def _bodies(valid: dict[str, Any]) -> st.SearchStrategy[str | bytes]:
+    return st.one_of(st.text(), st.binary(), JSON_VALUES.map(_dumps), _field_dicts(sorted(valid)))
+
+
+def _valid(kind: type[CancelRequest] | type[CancelAck]) -> dict[str, Any]:
+    """A fixed valid message of ``kind``, as a JSON object."""
+    fields = {"run_id": "r", "worker_id": "w", "outcome": "killed", "step_key": "s"}
+    return json.loads(kind.model_validate(fields).to_json())
+
+
+@pytest.mark.parametrize("kind", [CancelRequest, CancelAck])
+@pytest.mark.parametrize("bodies", [_bodies, _near_misses], ids=["random", "near-miss"])
+@PROPERTY
+@given(data=st.data())
+def test_parser_returns_a_valid_model_or_raises_malformed(
+    kind: type[CancelRequest] | type[CancelAck],
+    bodies: Callable[[dict[str, Any]], st.SearchStrategy[str | bytes]],
+    data: st.DataObject,
+) -> None:
+    body = data.draw(bodies(_valid(kind)))
+    try:
+        message = parse_message(kind, body)
+    except MalformedMessage as exc:
+        assert str(exc)
+        return
+    assert isinstance(message, kind)
+    assert parse_message(kind, message.to_json()) == message, "what we accept, we can resend"
+
+
+BROKER = CancellableSqsBroker(TaskiqCancelSettings(queue_name="property"))
+TASK_DICTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "task_id": FIELD_VALUES,
+        "task_name": st.sampled_from(sorted(TASK_NAMES)) | FIELD_VALUES,
+        "labels": st.dictionaries(st.sampled_from(["run_id", "ack_type", "timeout"]), FIELD_VALUES),
+        "labels_types": FIELD_VALUES,
+        "args": st.lists(FIELD_VALUES, max_size=2),
+        "kwargs": st.dictionaries(
+            st.sampled_from(sorted(set().union(*TASK_KWARGS.values()))), FIELD_VALUES
+        ),
+    },
+).map(_dumps)
+
+
+STEP_TASK = json.loads(step_task_message("r", "s", 0, "a").body)
+
+
+@PROPERTY
+@given(body=st.one_of(_bodies(STEP_TASK), _near_misses(STEP_TASK), TASK_DICTS))
+def test_main_queue_body_is_one_of_our_tasks_or_gets_a_reason(body: str | bytes) -> None:
+    text = body.decode(errors="replace") if isinstance(body, bytes) else body
+    reason = BROKER.reject_reason(text)
+    if reason is not None:
+        assert isinstance(reason, str) and reason
+        return
+    message = BROKER.formatter.loads(text.encode())
+    assert message.task_name in TASK_NAMES
+    assert message.kwargs.keys() == TASK_KWARGS[message.task_name]
+    assert all(isinstance(v, str) for v in message.kwargs.values())
+
+
+@PROPERTY
+@given(run_id=st.text(min_size=1), step_key=st.text(), args=st.text())
+def test_every_task_we_send_is_accepted(run_id: str, step_key: str, args: str) -> None:
+    assert BROKER.reject_reason(run_task_message(run_id).body) is None
+    assert BROKER.reject_reason(step_task_message(run_id, step_key, 0, args).body) is None
+
+
+def _task_body(**overrides: Any) -> str:
+    body = json.loads(run_task_message("no-such-run").body)
+    return json.dumps({**body, **overrides})
+
+
+def test_bad_messages_on_every_queue_are_logged_deleted_and_work_goes_on(
+    deployment: Deployment, capfd: pytest.CaptureFixture[str]
+) -> None:
+    proc = deployment.start_worker()
+    queues = deployment.queues
+    names = queues.names
+    main_bodies = {
+        "not json": "{nope",
+        "oversized": json.dumps({"pad": OVERSIZED_PAD}),
+        "unknown task name": _task_body(task_name="someone_elses.task"),
+        "wrong-typed kwargs": _task_body(kwargs={"run_id": 5}),
+        "missing kwargs": _task_body(task_name=EXECUTE_RUN, kwargs={}),
+        "taskiq label": _task_body(labels={"run_id": "r", "ack_type": "nonsense"}),
+        "unknown version": '{"v": 2, "run_id": "r"}',
+    }
+    cancel_bodies = {
+        "not json": "{nope",
+        "oversized": json.dumps({"v": 1, "run_id": "r", "pad": OVERSIZED_PAD}),
+        "wrong types": '{"v": 1, "run_id": 5}',
+        "unknown version": '{"v": 2, "run_id": "r"}',
+    }
+    ack_bodies = {
+        "not json": "{nope",
+        "oversized": json.dumps(
+            {"v": 1, "run_id": "r", "worker_id": "w", "outcome": "killed", "pad": OVERSIZED_PAD}
+        ),
+        "wrong types": '{"v": 1, "run_id": "r", "worker_id": 5, "outcome": "killed"}',
+        "unknown version": '{"v": 2, "run_id": "r", "worker_id": "w", "outcome": "killed"}',
+    }
+
+    def send_all(name: str, bodies: dict[str, str]) -> dict[str, str]:
+        return {
+            what: queues.send(name, body, "bad", uuid.uuid4().hex) for what, body in bodies.items()
+        }
+
+    main_ids = send_all(names.main, main_bodies)
+    cancel_ids = send_all(names.cancels, cancel_bodies)
+    # Valid, but about runs nobody knows: handled, not malformed.
+    queues.send(names.main, run_task_message("no-such-run").body, "bad", uuid.uuid4().hex)
+    queues.send(names.cancels, CancelRequest(run_id="no-such-run").to_json(), "bad", "c")
+    wait_for(deployment.queue_empty, 60, "main and cancels queues emptied")
+    log = deployment.worker_log(0)
+    for what, message_id in {**main_ids, **cancel_ids}.items():
+        assert message_id in log, f"{what} not logged with its message id"
+    assert proc.poll() is None, "the worker must keep running"
+
+    ack_ids = send_all(names.acks, ack_bodies)
+    queues.send(
+        names.acks,
+        CancelAck(run_id="no-such-run", worker_id="w", outcome="killed").to_json(),
+        "bad",
+        "a",
+    )
+    summaries = tick_until(deployment, lambda: acks_queue_empty(deployment))
+    sensor_log = capfd.readouterr().err  # the sensor logs through Dagster's logger, to stderr
+    assert count(summaries, "malformed") == len(ack_bodies)
+    assert count(summaries, "unknown run") >= 1
+    for what, message_id in ack_ids.items():
+        assert message_id in sensor_log, f"ack {what} not logged with its message id"
+
+    run_id = deployment.launch(sleepy_job)
+    deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=120)
+    assert proc.poll() is None

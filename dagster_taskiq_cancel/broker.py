@@ -48,6 +48,8 @@ class CancellableSqsBroker(AsyncBroker):
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
         self._outage: str | None = None
+        self._unacked: dict[str, str] = {}  # receipt handle -> task id, received not yet started
+        self.released: set[str] = set()  # task ids handed back at shutdown: never start them
 
     async def startup(self) -> None:
         """Open the client and resolve every queue URL, failing with what to change."""
@@ -147,10 +149,34 @@ class CancellableSqsBroker(AsyncBroker):
                     )
                     await self.delete(self.names.main, receipt)
                     continue
+                self._unacked[receipt] = self.formatter.loads(body.encode()).task_id
                 yield AckableMessage(
                     data=body.encode(),
                     ack=_Ack(self, self.names.main, receipt),
                 )
+
+    async def release_unstarted(self) -> int:
+        """Hand every received, not yet started task back to the queue at once (visibility 0).
+
+        Called when a worker shuts down: other workers take them now instead of after the
+        visibility timeout, and this worker never starts them.
+        """
+        handed_back = 0
+        for receipt, task_id in list(self._unacked.items()):
+            self._unacked.pop(receipt, None)
+            self.released.add(task_id)
+            try:
+                await self._client.change_message_visibility(
+                    QueueUrl=self._urls[self.names.main], ReceiptHandle=receipt, VisibilityTimeout=0
+                )
+                handed_back += 1
+            except _SQS_ERRORS as exc:
+                logger.warning("Could not hand back task %s: %s", task_id, exc)
+        return handed_back
+
+    def settle(self, receipt_handle: str) -> bool:
+        """Whether a starting task's message should be deleted (False once handed back)."""
+        return self._unacked.pop(receipt_handle, None) is not None
 
     def reject_reason(self, body: str) -> str | None:
         """Why ``body`` is not one of our tasks, or None if it is.
@@ -184,4 +210,5 @@ class _Ack:
         self.receipt_handle = receipt_handle
 
     async def __call__(self) -> None:
-        await self.broker.delete(self.name, self.receipt_handle)
+        if self.broker.settle(self.receipt_handle):
+            await self.broker.delete(self.name, self.receipt_handle)

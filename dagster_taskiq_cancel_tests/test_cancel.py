@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from dagster import DagsterRunStatus
 
-from dagster_taskiq_cancel.local_sqs import MotoServer
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
@@ -42,34 +40,6 @@ def test_twenty_cancels_on_four_workers_stop_the_right_child(deployment: Deploym
     )
 
 
-@pytest.fixture
-def own_sqs() -> Iterator[MotoServer]:
-    server = MotoServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def test_terminate_with_sqs_down_records_intent_and_the_poll_stops_the_run(
-    tmp_path: Path, own_sqs: MotoServer
-) -> None:
-    deployment = Deployment(tmp_path, own_sqs.endpoint_url)
-    try:
-        deployment.start_worker()
-        run_id = deployment.launch(sleepy_job, seconds=300)
-        pid = deployment.op_pid(run_id)
-        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
-        own_sqs.stop()
-        assert deployment.instance.run_launcher.terminate(run_id)
-        wait_for(lambda: not pid_alive(pid), 15, "child gone by the poll alone")
-        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
-        assert any("not sent" in m for m in deployment.engine_messages(run_id))
-        assert deployment.workers[0].poll() is None, "the worker must survive the outage"
-    finally:
-        deployment.stop()
-
-
 def test_run_cancelled_while_waiting_in_sqs_is_never_started(deployment: Deployment) -> None:
     forced = deployment.launch(sleepy_job, seconds=60)
     canceling = deployment.launch(sleepy_job, seconds=60)
@@ -95,7 +65,7 @@ def test_one_slot_workers_share_the_work_instead_of_hoarding(deployment: Deploym
 
 
 def test_redelivered_and_duplicated_run_messages_execute_once(
-    tmp_path: Path, sqs_server: MotoServer
+    tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
     """A duplicated send and an expired visibility timeout both deliver the task again."""
     deployment = Deployment(tmp_path, sqs_server.endpoint_url, visibility_timeout_seconds=1)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, free_port
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, LocalSqsServer, free_port
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -21,7 +21,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def test_queues_create_is_idempotent_and_status_counts(sqs_server: MotoServer) -> None:
+def test_queues_create_is_idempotent_and_status_counts(sqs_server: LocalSqsServer) -> None:
     for queue in (f"q{uuid.uuid4().hex[:8]}", f"q{uuid.uuid4().hex[:8]}.fifo"):
         args = ("--queue-name", queue, "--endpoint-url", sqs_server.endpoint_url)
         first = cli("queues", "create", *args)
@@ -43,7 +43,7 @@ def test_unreachable_endpoint_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_missing_credentials_is_a_clear_error(sqs_server: MotoServer) -> None:
+def test_missing_credentials_is_a_clear_error(sqs_server: LocalSqsServer) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         AWS_CONFIG_FILE="/dev/null",
@@ -55,7 +55,7 @@ def test_missing_credentials_is_a_clear_error(sqs_server: MotoServer) -> None:
     assert "no AWS credentials found" in result.stderr
 
 
-def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: MotoServer) -> None:
+def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: LocalSqsServer) -> None:
     missing = cli(
         "queues", "status", "--queue-name", "nope", "--endpoint-url", sqs_server.endpoint_url
     )

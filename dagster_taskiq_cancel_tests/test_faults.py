@@ -11,7 +11,7 @@ from pathlib import Path
 from dagster import DagsterRunStatus, RunsFilter
 from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
-from dagster_taskiq_cancel.local_sqs import MotoServer
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer, MotoServer
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
 
@@ -25,7 +25,7 @@ def monitor(deployment: Deployment, run_id: str) -> bool:
 
 
 def test_killed_worker_fails_the_run_through_run_monitoring_and_nothing_runs_twice(
-    tmp_path: Path, sqs_server: MotoServer
+    tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
     deployment = Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=3)
     try:
@@ -83,6 +83,8 @@ def test_sqs_outage_workers_back_off_log_once_and_resume(tmp_path: Path) -> None
         server.stop()
         assert deployment.instance.run_launcher.terminate(run_id), "intent recorded while down"
         wait_for(lambda: not pid_alive(pid), 15, "the poll stops the run while SQS is down")
+        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
+        assert any("not sent" in m for m in deployment.engine_messages(run_id))
         outage_ends = time.monotonic() + 30
         wait_for(lambda: time.monotonic() > outage_ends, 40, "a 30 s outage")  # the outage itself
         assert worker.poll() is None, "the worker survives the outage"
@@ -96,3 +98,19 @@ def test_sqs_outage_workers_back_off_log_once_and_resume(tmp_path: Path) -> None
     finally:
         deployment.stop()
         server.stop()
+
+
+def test_sigterm_hands_prefetched_tasks_back_at_once(deployment: Deployment) -> None:
+    worker = deployment.start_worker("--concurrency", "1", "--prefetch", "2")
+    first = deployment.launch(sleepy_job, seconds=300)
+    deployment.op_pid(first)
+    waiting = [deployment.launch(sleepy_job, seconds=0.1) for _ in range(2)]
+    main = deployment.queues.names.main
+    wait_for(lambda: deployment.queues.depths()[main]["in_flight"] == 2, 30, "two prefetched")
+    stop_process(worker)
+    # Visible again long before the 60 s visibility timeout, and never started by this worker.
+    wait_for(lambda: deployment.queues.depths()[main]["visible"] == 2, 15, "handed back")
+    assert all(deployment.executions(run_id) == 0 for run_id in waiting)
+    deployment.start_worker()
+    for run_id in waiting:
+        deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=90)

@@ -6,14 +6,14 @@ from pathlib import Path
 
 from dagster import DagsterRunStatus
 
-from dagster_taskiq_cancel.local_sqs import MotoServer
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import CancelRequest, Codec
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
 
 
 def test_signed_deployment_rejects_forgeries_and_still_cancels(
-    tmp_path: Path, sqs_server: MotoServer
+    tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
     deployment = Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from dagster import DagsterInstance, DagsterRunStatus
 from playwright.sync_api import Page, expect, sync_playwright
 
 from dagster_taskiq_cancel.dev import DevStack, descendants
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, free_port
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, LocalSqsServer, free_port
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import settings_from_env
 from dagster_taskiq_cancel_tests.stack import pid_alive, wait_for
@@ -36,39 +37,38 @@ pytestmark = [
 ]
 
 
-def start_stack(tmp_path: Path, sqs: MotoServer, workers: int) -> DevStack:
+def make_stack(tmp_path: Path, sqs: LocalSqsServer, workers: int) -> DevStack:
+    """The stack `make dev` starts, on its own queues and Dagster home."""
     env = {
         **os.environ,
         **LOCAL_CREDENTIALS,
         "DAGSTER_TASKIQ_ENDPOINT_URL": sqs.endpoint_url,
         "DAGSTER_TASKIQ_QUEUE_NAME": f"ui{uuid.uuid4().hex[:10]}",
-        "DAGSTER_TASKIQ_GRACE_SECONDS": "5",
     }
-    stack = DevStack(REPO, free_port(), workers, env, home=tmp_path / "home")
-    try:
-        stack.start()
-    except BaseException:
-        stack.stop()
-        raise
-    return stack
+    return DevStack(REPO, free_port(), workers, env, home=tmp_path / "home")
 
 
-@pytest.fixture
-def stack(tmp_path: Path, sqs_server: MotoServer) -> Iterator[DevStack]:
-    dev = start_stack(tmp_path, sqs_server, workers=1)
+@contextlib.contextmanager
+def running_stack(tmp_path: Path, sqs: LocalSqsServer, workers: int) -> Iterator[DevStack]:
+    dev = make_stack(tmp_path, sqs, workers)
     try:
+        dev.start()
         yield dev
     finally:
         dev.stop()
 
 
 @pytest.fixture
-def queued_stack(tmp_path: Path, sqs_server: MotoServer) -> Iterator[DevStack]:
-    dev = start_stack(tmp_path, sqs_server, workers=0)
-    try:
+def stack(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[DevStack]:
+    with running_stack(tmp_path, sqs_server, workers=1) as dev:
         yield dev
-    finally:
-        dev.stop()
+
+
+@pytest.fixture
+def queued_stack(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[DevStack]:
+    """No worker yet: launched runs wait in SQS."""
+    with running_stack(tmp_path, sqs_server, workers=0) as dev:
+        yield dev
 
 
 @pytest.fixture
@@ -236,11 +236,17 @@ def test_force_terminate_of_a_run_waiting_in_sqs_then_a_worker_skips_it(
     )
 
 
-def test_dev_stack_stops_every_process_it_started(tmp_path: Path, sqs_server: MotoServer) -> None:
-    dev = start_stack(tmp_path, sqs_server, workers=2)
-    pids = [p.pid for p in dev.processes] + [d for p in dev.processes for d in descendants(p.pid)]
-    started = time.monotonic()
-    dev.stop()
-    elapsed = time.monotonic() - started
+def test_dev_stack_stops_every_process_it_started(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    dev = make_stack(tmp_path, sqs_server, workers=2)
+    try:
+        dev.start()
+        pids = [p.pid for p in dev.processes]
+        pids += [d for p in dev.processes for d in descendants(p.pid)]
+    finally:
+        started = time.monotonic()
+        dev.stop()
+        elapsed = time.monotonic() - started
     assert not [pid for pid in pids if pid_alive(pid)]
     assert elapsed < 60, f"stopping took {elapsed:.1f}s"

@@ -63,6 +63,9 @@ async def _serve(worker: Worker) -> None:
     )
     logger.info("Worker %s draining: %d task(s) running", worker.worker_id, len(worker.held))
     finish.set()
+    handed_back = await worker.broker.release_unstarted()
+    if handed_back:
+        logger.info("Handed %d received, unstarted task(s) back to the queue", handed_back)
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.shield(receiving), settings.drain_seconds)
     await worker.stop_all()

@@ -119,6 +119,9 @@ class Worker:
         self, task_id: str, run_id: str, step_key: str | None, execute_step_args: str | None
     ) -> None:
         """Run one task to its end, unless it is a duplicate or its run is no longer live."""
+        if task_id in self.broker.released:
+            logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
+            return
         if task_id in self.held or task_id in self._recent:
             logger.info("Dropping duplicate delivery of task %s", task_id)
             return

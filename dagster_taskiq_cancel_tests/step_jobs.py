@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+from dagster_aws.s3 import S3PickleIOManager, S3Resource
 
 from dagster_taskiq_cancel import taskiq_executor
 
@@ -106,3 +107,20 @@ def fan_run_config(root: Path, **markers: Any) -> dict[str, Any]:
             "markers": {"config": {"marker_dir": str(root / "markers"), **markers}},
         }
     }
+
+
+@dg.job(
+    executor_def=taskiq_executor,
+    resource_defs={
+        # Steps on different workers share outputs through S3 (the SQS server's S3 API here).
+        "io_manager": S3PickleIOManager(
+            s3_resource=S3Resource(
+                endpoint_url=dg.EnvVar("TEST_S3_ENDPOINT"), region_name="us-east-1"
+            ),
+            s3_bucket=dg.EnvVar("TEST_S3_BUCKET"),
+        ),
+        "markers": StepMarkers.configure_at_launch(),
+    },
+)
+def s3_fan_job() -> None:
+    total(fan_out().map(part).collect())

@@ -7,13 +7,23 @@ import os
 import pickle
 import signal
 import time
+import uuid
 
+import boto3
+import pytest
 from dagster import DagsterRunStatus
 
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import STOPPED_OUTCOMES, CancelAck, parse_message
 from dagster_taskiq_cancel.tasks import EXECUTE_STEP, step_task_id
 from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
-from dagster_taskiq_cancel_tests.step_jobs import StepRecord, fan_job, fan_run_config, step_records
+from dagster_taskiq_cancel_tests.step_jobs import (
+    StepRecord,
+    fan_job,
+    fan_run_config,
+    s3_fan_job,
+    step_records,
+)
 
 # Step processes are full Dagster processes: on this 2-core machine each needs seconds to start.
 RUN_TIMEOUT = 180
@@ -163,3 +173,25 @@ def test_a_redelivered_step_message_does_not_run_the_step_twice(deployment: Depl
     executed = [r.step_key for r in step_records(deployment.markers, run_id)]
     assert executed.count("fan_out") == 1, executed
     assert any("fan_out again" in m for m in deployment.engine_messages(run_id))
+
+
+def test_step_outputs_pass_through_s3_on_the_local_server(
+    deployment: Deployment, sqs_server: LocalSqsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    s3 = boto3.client("s3", endpoint_url=sqs_server.endpoint_url, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    s3_env = {"TEST_S3_ENDPOINT": sqs_server.endpoint_url, "TEST_S3_BUCKET": bucket}
+    deployment.env.update(s3_env)
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)  # the run's config is checked here too, at creation
+    for _ in range(2):
+        deployment.start_worker("--concurrency", "2")
+    markers = {"marker_dir": str(deployment.markers), "width": 3}
+    run_id = deployment.launch(
+        s3_fan_job, run_config={"resources": {"markers": {"config": markers}}}
+    )
+    deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=RUN_TIMEOUT)
+    key = f"dagster/storage/{run_id}/total/result"
+    assert pickle.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read()) == 30
+    assert len({r.worker_pid for r in step_records(deployment.markers, run_id)}) > 1

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.stats import Row
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, SERVERS
+from dagster_taskiq_cancel.local_sqs import SERVERS
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("dagster", "dagster-webserver", "taskiq", "taskiq-aio-sqs", "moto", "aioboto3")
@@ -163,7 +163,6 @@ def run_all(
     scenarios: dict[str, Scenario], size_name: str, sqs_kind: str, out: Path
 ) -> tuple[list[Row], bool]:
     """Run the scenarios in order on one SQS server; print the table, write the JSON."""
-    os.environ.update(LOCAL_CREDENTIALS)
     started = time.monotonic()
     record = {"machine": machine(), "size": size_name, "sqs": sqs_kind}
     rows: list[Row] = []

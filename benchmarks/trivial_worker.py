@@ -49,7 +49,13 @@ def build(kind: str, queue: str, endpoint: str) -> tuple[AsyncBroker, Any]:
         broker = CancellableSqsBroker(TaskiqCancelSettings(queue_name=queue, endpoint_url=endpoint))
         name = EXECUTE_RUN  # our broker sets aside messages of any other task name
     else:
-        broker = SQSBroker(queue, endpoint_url=endpoint)  # defaults, as shipped
+        # Defaults, as shipped; the peer needs credentials even for a local server.
+        broker = SQSBroker(
+            queue,
+            endpoint_url=endpoint,
+            aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
         name = "trivial"
     return broker, broker.register_task(record_start, task_name=name)
 

@@ -22,7 +22,7 @@ import yaml
 from benchmarks.harness import REPO, Context
 from benchmarks.stats import Row, pairwise_ratio_row
 from dagster_taskiq_cancel.dev import DevStack
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, free_port
+from dagster_taskiq_cancel.local_sqs import free_port
 from dagster_taskiq_cancel_tests.stack import wait_for
 
 LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
@@ -108,7 +108,6 @@ def stack_env(ctx: Context) -> dict[str, str]:
     """Own queues per stack: the example's reconciliation sensor runs in both and reads acks."""
     return {
         **os.environ,
-        **LOCAL_CREDENTIALS,
         "DAGSTER_TASKIQ_ENDPOINT_URL": ctx.endpoint_url,
         "DAGSTER_TASKIQ_QUEUE_NAME": f"ui{uuid.uuid4().hex[:10]}",
         "DAGSTER_TASKIQ_GRACE_SECONDS": "5",

@@ -98,7 +98,12 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
 
 
 class DevStack:
-    """The demo's processes; ``start`` brings them up, ``stop`` ends each by pid."""
+    """The demo's processes; ``start`` brings them up, ``stop`` ends each by pid.
+
+    Every child runs in a session of its own, so a terminal's Ctrl-C (SIGINT to the whole
+    foreground process group) reaches only the ``dev`` process, which then stops the children in
+    reverse order of start: `dagster dev` (whose daemon still talks to SQS), the workers, moto.
+    """
 
     def __init__(
         self,
@@ -155,6 +160,7 @@ class DevStack:
             [sys.executable, "-m", "dagster_taskiq_cancel", "worker", "--workers", str(count)],
             env=self.env,
             cwd=self.root,
+            start_new_session=True,  # only `dev` gets a terminal's Ctrl-C; it stops us in order
         )
 
     def stop(self) -> None:
@@ -195,5 +201,7 @@ def run_dev(ui_port: int, workers: int) -> int:
     except DevError as exc:
         print(f"dagster-taskiq-cancel dev: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C while starting: stop what started, quietly
+        return 130
     finally:
         stack.stop()

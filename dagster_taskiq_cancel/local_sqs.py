@@ -82,6 +82,7 @@ class LocalSqsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={**os.environ, **LOCAL_CREDENTIALS, **self.extra_env()},
+            start_new_session=True,  # a terminal's Ctrl-C must not stop it before its clients
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -7,6 +7,8 @@ even inside a running event loop), so they use plain boto3 here; only the worker
 from __future__ import annotations
 
 import functools
+import os
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +16,11 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 
 FIFO_SUFFIX = ".fifo"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class SqsError(RuntimeError):
@@ -62,9 +66,34 @@ def endpoint_for(settings: TaskiqCancelSettings) -> str | None:
     return None
 
 
+def local_credentials(endpoint_url: str | None) -> dict[str, str]:
+    """Dummy credentials for a server on this machine when the environment names none.
+
+    Local SQS servers (moto, ministack) accept any credentials, but boto refuses to send a request
+    without some: a new user's first `make dev` or `queues create` against 127.0.0.1 should not
+    need AWS variables. Credentials from the environment, or a profile, are always used as given.
+    """
+    host = urllib.parse.urlsplit(endpoint_url).hostname if endpoint_url else None
+    if (
+        host not in LOOPBACK_HOSTS
+        or os.environ.get("AWS_ACCESS_KEY_ID")
+        or os.environ.get("AWS_PROFILE")
+    ):
+        return {}
+    return {
+        "aws_access_key_id": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
 def boto_client_kwargs(settings: TaskiqCancelSettings) -> dict[str, Any]:
-    """Keyword arguments shared by the boto3 and aioboto3 clients."""
-    return {"region_name": settings.region_name, "endpoint_url": endpoint_for(settings)}
+    """Keyword arguments shared by the boto3 and aioboto3 clients (SQS, and S3 in tests)."""
+    endpoint = endpoint_for(settings)
+    return {
+        "region_name": settings.region_name,
+        "endpoint_url": endpoint,
+        **local_credentials(endpoint),
+    }
 
 
 def describe_client_error(exc: BaseException, settings: TaskiqCancelSettings) -> str:
@@ -73,7 +102,7 @@ def describe_client_error(exc: BaseException, settings: TaskiqCancelSettings) ->
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return (
             "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
-            "AWS_PROFILE (any value works for the embedded moto server)"
+            "AWS_PROFILE (a server on 127.0.0.1 needs none)"
         )
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
         return f"cannot reach {where}: check endpoint_url (DAGSTER_TASKIQ_ENDPOINT_URL)"

@@ -1,15 +1,12 @@
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, SERVERS, LocalSqsServer
+from dagster_taskiq_cancel.local_sqs import SERVERS, LocalSqsServer
 from dagster_taskiq_cancel_tests.stack import Deployment
-
-os.environ.update(LOCAL_CREDENTIALS)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

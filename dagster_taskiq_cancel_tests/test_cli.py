@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, LocalSqsServer, free_port
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -17,7 +17,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         timeout=120,
-        env=env or {**os.environ, **LOCAL_CREDENTIALS},
+        env=env or dict(os.environ),
     )
 
 
@@ -43,16 +43,29 @@ def test_unreachable_endpoint_is_a_clear_error() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_missing_credentials_is_a_clear_error(sqs_server: LocalSqsServer) -> None:
+def no_aws_env() -> dict[str, str]:
+    """The environment without AWS credentials, profiles or instance metadata."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
         AWS_CONFIG_FILE="/dev/null",
         AWS_SHARED_CREDENTIALS_FILE="/dev/null",
         AWS_EC2_METADATA_DISABLED="true",
     )
-    result = cli("queues", "create", "--endpoint-url", sqs_server.endpoint_url, env=env)
+    return env
+
+
+def test_missing_credentials_for_aws_is_a_clear_error() -> None:
+    result = cli("queues", "create", "--queue-name", "q", env=no_aws_env())
     assert result.returncode == 1
     assert "no AWS credentials found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_server_on_this_machine_needs_no_credentials(sqs_server: LocalSqsServer) -> None:
+    for host in ("127.0.0.1", "localhost"):
+        endpoint = sqs_server.endpoint_url.replace("127.0.0.1", host)
+        result = cli("queues", "create", "--endpoint-url", endpoint, env=no_aws_env())
+        assert result.returncode == 0, result.stderr
 
 
 def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: LocalSqsServer) -> None:

@@ -15,6 +15,7 @@ from dagster import DagsterRunStatus
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import STOPPED_OUTCOMES, CancelAck, parse_message
+from dagster_taskiq_cancel.queues import boto_client_kwargs
 from dagster_taskiq_cancel.tasks import EXECUTE_STEP, step_task_id
 from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.step_jobs import (
@@ -179,7 +180,7 @@ def test_step_outputs_pass_through_s3_on_the_local_server(
     deployment: Deployment, sqs_server: LocalSqsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = f"b{uuid.uuid4().hex[:12]}"
-    s3 = boto3.client("s3", endpoint_url=sqs_server.endpoint_url, region_name="us-east-1")
+    s3 = boto3.client("s3", **boto_client_kwargs(deployment.settings))
     s3.create_bucket(Bucket=bucket)
     s3_env = {"TEST_S3_ENDPOINT": sqs_server.endpoint_url, "TEST_S3_BUCKET": bucket}
     deployment.env.update(s3_env)

@@ -18,7 +18,7 @@ from dagster import DagsterInstance, DagsterRunStatus
 from playwright.sync_api import Page, expect, sync_playwright
 
 from dagster_taskiq_cancel.dev import DevStack, descendants
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, LocalSqsServer, free_port
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import settings_from_env
 from dagster_taskiq_cancel_tests.stack import pid_alive, wait_for
@@ -41,7 +41,6 @@ def make_stack(tmp_path: Path, sqs: LocalSqsServer, workers: int) -> DevStack:
     """The stack `make dev` starts, on its own queues and Dagster home."""
     env = {
         **os.environ,
-        **LOCAL_CREDENTIALS,
         "DAGSTER_TASKIQ_ENDPOINT_URL": sqs.endpoint_url,
         "DAGSTER_TASKIQ_QUEUE_NAME": f"ui{uuid.uuid4().hex[:10]}",
     }

@@ -7,7 +7,15 @@ import signal
 import sys
 from pathlib import Path
 
-from benchmarks import bulk_cancel, cancel_latency, dispatch, idle_cost, scaling, ui_terminate
+from benchmarks import (
+    bulk_cancel,
+    cancel_latency,
+    dispatch,
+    idle_cost,
+    scaling,
+    ui_header,
+    ui_terminate,
+)
 from benchmarks.harness import SIZES, Scenario, run_all
 from dagster_taskiq_cancel.local_sqs import SERVERS
 
@@ -18,6 +26,7 @@ SCENARIOS: dict[str, Scenario] = {
     "dispatch": dispatch.run,
     "scaling": scaling.run,
     "bulk": bulk_cancel.run,
+    "header": ui_header.run,
 }
 
 

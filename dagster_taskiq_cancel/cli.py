@@ -1,7 +1,8 @@
 """``dagster-taskiq-cancel``: worker and queue administration.
 
-Every settings field is also an option (``--poll-interval-seconds``); options override the
-``DAGSTER_TASKIQ_*`` environment, which overrides the defaults.
+Every settings field is also an option (``--poll-interval-seconds``). Options win, then the
+``TaskiqRunLauncher`` config of the ``DAGSTER_HOME`` instance, then ``DAGSTER_TASKIQ_*``, then the
+defaults: the one order of every entry point (``settings.resolve_settings``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 from dagster import DagsterInstance, DagsterRunStatus
-from dagster._core.errors import DagsterHomeNotSetError
+from dagster._core.errors import DagsterHomeNotSetError, DagsterInvariantViolationError
 
 from dagster_taskiq_cancel.bulk import (
     DEFAULT_STATUSES,
@@ -29,8 +30,14 @@ from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import (
     SettingsError,
     TaskiqCancelSettings,
+    current_settings,
     resolve_settings,
-    settings_from_env,
+)
+
+CLICK_TYPES: dict[Any, click.ParamType] = {float: click.FLOAT, int: click.INT}
+NO_HOME = (
+    "DAGSTER_HOME is not set: set it to the folder with the dagster.yaml your webserver and "
+    "daemon use (the workers must share their run storage), e.g. DAGSTER_HOME=/srv/dagster"
 )
 
 
@@ -40,24 +47,30 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
+            type=CLICK_TYPES.get(field.annotation, click.STRING),
             default=None,
             help=f"{field.description} [env {TaskiqCancelSettings.env_var(name)}]",
         )(command)
     return command
 
 
-def load_settings(overrides: dict[str, Any]) -> TaskiqCancelSettings:
+def load_instance() -> DagsterInstance:
+    """The ``DAGSTER_HOME`` instance, or a one-line error that says what to set."""
     try:
-        return settings_from_env(overrides)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+        return DagsterInstance.get()
+    except DagsterHomeNotSetError:
+        raise click.ClickException(NO_HOME) from None
+    except DagsterInvariantViolationError as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
 
 
 def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
     try:
-        return fn(SyncQueues(load_settings(overrides)))
-    except SqsError as exc:
+        return fn(SyncQueues(current_settings(overrides)))
+    except (SettingsError, SqsError) as exc:
         raise click.ClickException(str(exc)) from None
+    except DagsterInvariantViolationError as exc:  # DAGSTER_HOME set but not usable
+        raise click.ClickException(str(exc).splitlines()[0]) from None
 
 
 @click.group()
@@ -70,7 +83,10 @@ def main() -> None:
 @settings_options
 def worker(workers: int, **overrides: Any) -> None:
     """Run worker processes: execute runs and steps, stop them when their run is cancelled."""
+    instance = load_instance()
+    settings = worker_settings(instance, overrides)  # checked here, before any child starts
     if workers > 1:
+        instance.dispose()
         args = ["worker", "--workers", "1"]
         for name, value in overrides.items():
             if value is not None:
@@ -79,12 +95,8 @@ def worker(workers: int, **overrides: Any) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from dagster import DagsterInstance
-
     from dagster_taskiq_cancel.worker.process import serve
 
-    instance = DagsterInstance.get()
-    settings = worker_settings(instance, overrides)
     try:
         asyncio.run(serve(settings, instance))
     except SqsError as exc:
@@ -204,10 +216,7 @@ def cancel(
     yes: bool,
 ) -> None:
     """Cancel many runs at once, selected by run id, tag, job and status."""
-    try:
-        instance = DagsterInstance.get()
-    except DagsterHomeNotSetError as exc:
-        raise click.ClickException(str(exc)) from None
+    instance = load_instance()
     select = functools.partial(
         cancel_runs,
         instance,

@@ -6,27 +6,50 @@ import functools
 from typing import Any
 
 import dagster as dg
+from pydantic import PrivateAttr
 
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cancel import request_cancel
 from dagster_taskiq_cancel.queues import QueueNames, SyncQueues
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings, settings_from_env
+from dagster_taskiq_cancel.settings import (
+    TaskiqCancelSettings,
+    current_settings,
+    resolve_settings,
+    settings_from_env,
+)
 
 
 class TaskiqCancelResource(dg.ConfigurableResource, TaskiqCancelSettings):
-    """Access to one deployment's queues; its fields are exactly the settings' fields."""
+    """Access to one deployment's queues; its fields are exactly the settings' fields.
+
+    Fields given explicitly win; the others come, as for every entry point, from the instance's
+    ``TaskiqRunLauncher`` config, then ``DAGSTER_TASKIQ_*``, then the defaults. Read the result
+    from ``settings``, never from the fields, which hold only what was given. As when Dagster
+    rebuilds a resource for a run, a field given with its default value counts as not given.
+    """
+
+    _resolved: TaskiqCancelSettings | None = PrivateAttr(default=None)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> TaskiqCancelResource:
-        """From the ``DAGSTER_TASKIQ_*`` variables the workers read too, then ``overrides``."""
+        """Pinned to the ``DAGSTER_TASKIQ_*`` variables of this process, then ``overrides``."""
         return cls(**settings_from_env(overrides).model_dump(exclude_none=True))
+
+    def given(self) -> dict[str, Any]:
+        """The fields set explicitly (in code or in the run's resource config)."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """In a run or a sensor: resolve against the instance it runs on."""
+        if context.instance is not None:
+            self._resolved = resolve_settings(context.instance, self.given())
 
     @property
     def settings(self) -> TaskiqCancelSettings:
-        """Plain settings from this resource's fields, for code that takes settings."""
-        return TaskiqCancelSettings(
-            **{name: getattr(self, name) for name in TaskiqCancelSettings.model_fields}
-        )
+        """The resolved settings, for code that takes settings."""
+        if self._resolved is None:
+            self._resolved = current_settings(self.given())
+        return self._resolved
 
     @functools.cached_property
     def queues(self) -> SyncQueues:
@@ -35,7 +58,7 @@ class TaskiqCancelResource(dg.ConfigurableResource, TaskiqCancelSettings):
 
     @property
     def queue_names(self) -> QueueNames:
-        return QueueNames.from_setting(self.queue_name)
+        return QueueNames.from_setting(self.settings.queue_name)
 
     def broker(self) -> CancellableSqsBroker:
         """A new, not yet started async broker, for asyncio code that sends or receives."""

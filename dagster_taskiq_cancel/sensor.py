@@ -318,7 +318,7 @@ def build_cancel_reconciliation_sensor(
             summary,
             context.log,
         )
-        time_out_silent_cancels(context.instance, taskiq.cancel_timeout_seconds, summary)
+        time_out_silent_cancels(context.instance, taskiq.settings.cancel_timeout_seconds, summary)
         return dg.SkipReason(summary.text())
 
     return _sensor

@@ -2,7 +2,9 @@
 
 Each field can also come from the environment as ``DAGSTER_TASKIQ_<FIELD NAME IN CAPITALS>``
 (``settings_from_env``), so that one environment serves the webserver, the daemon, the code
-location and the workers alike.
+location and the workers alike. Every entry point resolves them in one order: fields given
+explicitly, then the instance's ``TaskiqRunLauncher`` config, then the environment, then the
+defaults (``resolve_settings`` with an instance, ``current_settings`` without one).
 """
 
 from __future__ import annotations
@@ -169,3 +171,20 @@ def resolve_settings(
         return settings_from_env(overrides)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     return build_settings({**launcher.settings.model_dump(), **given})
+
+
+def current_settings(overrides: Mapping[str, Any] | None = None) -> TaskiqCancelSettings:
+    """``resolve_settings`` for entry points with no instance at hand (``queues``, scripts).
+
+    Reads the instance of ``DAGSTER_HOME`` when it is set, so that dagster.yaml configures the
+    queue commands and the resource as it does the launcher; without it, the environment.
+    """
+    if not os.environ.get("DAGSTER_HOME"):
+        return settings_from_env(overrides)
+    from dagster import DagsterInstance
+
+    instance = DagsterInstance.get()
+    try:
+        return resolve_settings(instance, overrides)
+    finally:
+        instance.dispose()

@@ -77,3 +77,23 @@ def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: LocalSqsServ
     bad = cli("queues", "status", "--poll-interval-seconds", "-1")
     assert bad.returncode == 1
     assert "DAGSTER_TASKIQ_POLL_INTERVAL_SECONDS" in bad.stderr
+
+
+def test_worker_without_dagster_home_says_what_to_set() -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
+    for args in ((), ("--workers", "2")):
+        result = cli("worker", *args, env=env)
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+        assert line.startswith("Error: DAGSTER_HOME is not set: set it to the folder")
+
+
+def test_setting_options_are_typed() -> None:
+    bad = cli("queues", "status", "--concurrency", "four")
+    assert bad.returncode == 2
+    assert "'four' is not a valid integer" in bad.stderr
+    assert "is not a valid float" in cli("worker", "--grace-seconds", "soon").stderr
+    usage = cli("worker", "--help").stdout
+    assert "--grace-seconds FLOAT" in usage
+    assert "--concurrency INTEGER" in usage
+    assert "--queue-name TEXT" in usage

@@ -93,6 +93,6 @@ quick_job = dg.define_asset_job("quick_job", selection=[numbers, total])
 defs = dg.Definitions(
     assets=[numbers, total, long_running],
     jobs=[long_job, quick_job, fan_out_job, cleanup_job],
-    resources={"taskiq": TaskiqCancelResource.from_env()},
+    resources={"taskiq": TaskiqCancelResource()},
     sensors=[cancel_reconciliation_sensor],
 )

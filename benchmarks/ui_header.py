@@ -2,9 +2,15 @@
 
 Both `dagster dev` stacks run at once on the example project (as in scenario 2). Each run is
 launched as a user does, from the Launchpad (the browser lands on the run page while the run is
-QUEUED), or by GraphQL followed by opening the run page; then the page is watched, without
-reloading, until its header says "Started". The lag is the time from the RUN_START event's
-timestamp to the header; a header still not "Started" after ``CAP_S`` counts as ``CAP_S``.
+QUEUED), or by GraphQL followed by opening the run page; then the header's status tag is read
+every 50 ms, without reloading, for ``WINDOW_S`` after the RUN_START event. The lag is the time
+from RUN_START's timestamp until the header says "Started" for good (the last change to it in
+the window); a header not "Started" at the end counts as ``WINDOW_S``.
+
+What it shows (README, "Benchmarks"): the websocket brings RUN_START and the header turns
+"Started" at once, but the RunGroupPanelQuery the UI sends on that status change can still read
+STARTING (Dagster stores the event before the run's status row), writes it back into the page's
+cache, and the header says "Starting" until that query's next 15 s poll. Both launchers alike.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ from dagster_taskiq_cancel.dev import DevStack
 from dagster_taskiq_cancel_tests.stack import wait_for
 
 CHROMIUM = "/usr/bin/chromium"
-CAP_S = 30.0
+WINDOW_S = 20.0
+# The header's status tag: the text of a leaf element in the top bar of the run page.
+HEADER_STATUS = """() => [...document.querySelectorAll('*')].filter(e => e.children.length === 0
+  && e.getBoundingClientRect().top < 60 && e.getBoundingClientRect().height > 0
+  && ['Queued', 'Starting', 'Started', 'Canceling', 'Canceled'].includes(e.textContent.trim())
+).map(e => e.textContent.trim()).join()"""
 JOB_URL = "/locations/example_project/jobs/long_job/playground"
 
 
@@ -66,21 +77,27 @@ def header_lag(page: Page, stack: DevStack, instance: DagsterInstance, via: str)
         run_id = launch(stack)
         page.goto(f"{stack.ui_url}/runs/{run_id}")
     opened = time.time()
-    header = page.get_by_text("Started", exact=True).first
     started = wait_for(lambda: run_start_time(instance, run_id), 180, f"{run_id} RUN_START")
-    seen = None
-    while time.time() < started + CAP_S:
-        if header.is_visible():
-            seen = time.time()
-            break
+    settled = None  # when the header last turned "Started"
+    flips = 0  # "Started", then back to something else
+    shown = ""
+    while time.time() < started + WINDOW_S:
+        now, header = time.time(), page.evaluate(HEADER_STATUS)
+        if header == "Started" and shown != "Started":
+            settled = now
+        elif header != "Started" and shown == "Started":
+            flips, settled = flips + 1, None
+        shown = header
         time.sleep(0.05)
-    lag = (seen - started) if seen else CAP_S
-    graphql(stack, TERMINATE, ids=[run_id])
+    lag = (settled - started) if settled else WINDOW_S
+    outcome = graphql(stack, TERMINATE, ids=[run_id])["terminateRuns"]
+    assert "TerminateRunSuccess" in str(outcome), outcome
     wait_for(lambda: status(stack, run_id) == "CANCELED", 120, f"run {run_id} CANCELED")
     return {
         "run_id": run_id,
         "via": via,
         "lag_s": round(lag, 3),
+        "flips": flips,
         "page_opened_before_start_s": round(started - opened, 3),
     }
 
@@ -107,6 +124,7 @@ def run(ctx: Context) -> list[Row]:
         for stack in (ours, default):
             stack.stop()
     lagging = {name: sum(s["lag_s"] > 3 for s in samples) for name, samples in results.items()}
+    flips = {name: sum(s["flips"] > 0 for s in samples) for name, samples in results.items()}
     return [
         Row(
             "7 UI header",
@@ -115,6 +133,7 @@ def run(ctx: Context) -> list[Row]:
             "DefaultRunLauncher",
             [s["lag_s"] for s in results["default"]],
             f"runs lagging > 3 s: ours {lagging['ours']}/{len(results['ours'])}, "
-            f"default {lagging['default']}/{len(results['default'])}; cap {CAP_S:g} s",
+            f"default {lagging['default']}/{len(results['default'])}; "
+            f"turned back to Starting: ours {flips['ours']}, default {flips['default']}",
         )
     ]

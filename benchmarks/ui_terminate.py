@@ -8,10 +8,8 @@ UI's Terminate button, without the browser's rendering in the figure.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +21,7 @@ from benchmarks.harness import REPO, Context
 from benchmarks.stats import Row, pairwise_ratio_row
 from dagster_taskiq_cancel.dev import DevStack
 from dagster_taskiq_cancel.local_sqs import free_port
+from dagster_taskiq_cancel_tests.stack import graphql as post_graphql
 from dagster_taskiq_cancel_tests.stack import wait_for
 
 LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
@@ -42,17 +41,7 @@ JOB = {
 
 
 def graphql(stack: DevStack, query: str, **variables: Any) -> dict[str, Any]:
-    """POST one GraphQL document to the stack's webserver; fail on GraphQL errors."""
-    request = urllib.request.Request(
-        f"{stack.ui_url}/graphql",
-        data=json.dumps({"query": query, "variables": variables}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        body = json.load(response)
-    if body.get("errors"):
-        raise RuntimeError(f"GraphQL errors: {body['errors']}")
-    return body["data"]
+    return post_graphql(stack.ui_url, query, **variables)
 
 
 def status(stack: DevStack, run_id: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -13,13 +12,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dagster_taskiq_cancel.dev import descendants
 from dagster_taskiq_cancel.local_sqs import MinistackServer, free_port
-from dagster_taskiq_cancel_tests.stack import pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import graphql, pid_alive, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) {
@@ -40,18 +38,6 @@ def checkout(tmp_path: Path) -> Path:
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "example_project", root / "example_project")
     return root
-
-
-def graphql(url: str, query: str, **variables: Any) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"{url}/graphql",
-        data=json.dumps({"query": query, "variables": variables}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = json.load(response)
-    assert not body.get("errors"), body["errors"]
-    return body["data"]
 
 
 def answers(url: str) -> bool:

@@ -171,7 +171,10 @@ def test_terminate_in_the_ui_ends_canceled(stack: DevStack, page: Page, launch_v
     try:
         wait_header(page, "Started", 5_000)
     except AssertionError:
-        page.reload()  # the header can miss the status pushed before its own query (notes P6)
+        # Dagster's own race, as often with its DefaultRunLauncher (benchmarks/ui_header.py):
+        # the status refetch the UI sends on RUN_START can still read STARTING and holds the
+        # header there until its next 15 s poll. A reload reads the status afresh.
+        page.reload()
         wait_header(page, "Started")
     shot(page, f"{launch_via}-started")
     page.get_by_role("button", name=re.compile(r"Terminate$")).click()

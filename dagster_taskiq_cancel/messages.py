@@ -80,6 +80,11 @@ class Codec:
         self._key = key.encode() if key else None
         self.max_age_seconds = max_age_seconds
 
+    @property
+    def signed(self) -> bool:
+        """Whether every accepted message was verified against the key (else: hints only)."""
+        return self._key is not None
+
     def _mac(self, ts: float, inner: str) -> str:
         assert self._key is not None
         return hmac.new(self._key, f"{ts!r}.{inner}".encode(), hashlib.sha256).hexdigest()

@@ -118,6 +118,12 @@ def test_terminate_stops_every_step_on_every_worker(deployment: Deployment) -> N
     assert all(r.attempt == 0 for r in step_records(deployment.markers, run_id)), (
         "a step was retried"
     )
+    # The parts have a RetryPolicy: a cancel must not put them up for retry, nor send attempts.
+    events = deployment.instance.all_logs(run_id)
+    assert not [e for e in events if e.dagster_event and e.dagster_event.is_step_up_for_retry]
+    assert not [
+        m for m in deployment.engine_messages(run_id) if f"{run_id}:part" in m and m.endswith(":1.")
+    ]
 
 
 def test_steps_of_a_dead_run_process_stop_once_the_run_fails(deployment: Deployment) -> None:

@@ -37,6 +37,11 @@ def dagster_api_argv(command: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "dagster", "api", command, *args]
 
 
+def step_argv() -> list[str]:
+    """``dagster api execute_step`` through ``step_entry``, which keeps cancels from retrying."""
+    return [sys.executable, "-m", "dagster_taskiq_cancel.worker.step_entry"]
+
+
 def signal_process(pid: int, signum: int) -> bool:
     """Send ``signum`` to one process; False when it is already gone."""
     try:

@@ -11,6 +11,7 @@ from dagster._core.events import DagsterEvent
 
 from dagster_taskiq_cancel.messages import CancelRequest
 from dagster_taskiq_cancel_tests.jobs import flaky_cleanup_job, sleepy_job, stubborn_job
+from dagster_taskiq_cancel_tests.launch_race_jobs import launch_race_config, launch_race_job
 from dagster_taskiq_cancel_tests.slow_jobs import slow_import_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_graceful import reconcile_until
@@ -154,3 +155,21 @@ def test_cancel_overwritten_by_run_start_is_recorded_again_and_ends_canceled(
         DagsterEventType.RUN_CANCELED,
     ], status_events
     assert any("overwritten" in m for m in deployment.engine_messages(run_id))
+
+
+def test_terminate_while_the_run_launches_a_step_process_stops_it_without_sigkill(
+    deployment: Deployment,
+) -> None:
+    """The interrupt reaches a multiprocess step launched while the run process handled it."""
+    deployment.start_worker("--grace-seconds", "60")  # longer than the late step takes to start
+    run_id = deployment.launch(
+        launch_race_job, run_config=launch_race_config(deployment.markers, 3, 120)
+    )
+    wait_for((deployment.markers / "launching-late").exists, 180, "step late being launched")
+    assert deployment.instance.run_launcher.terminate(run_id)
+    deployment.wait_status(run_id, {Status.CANCELED}, timeout=60)
+    assert DagsterEventType.RUN_CANCELED in _event_types(deployment, run_id)
+    if deployment.executions(run_id):
+        wait_for(lambda: not pid_alive(deployment.op_pid(run_id)), 30, "step late gone")
+    wait_for(lambda: _exit_codes(deployment) == ["0"], 30, "the run process exited by itself")
+    assert "SIGKILL" not in deployment.worker_log(0)

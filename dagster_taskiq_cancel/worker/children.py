@@ -33,13 +33,8 @@ async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subproce
 
 
 def dagster_api_argv(command: str, *args: str) -> list[str]:
-    """``python -m dagster api <command> ...`` with the worker's own interpreter."""
-    return [sys.executable, "-m", "dagster", "api", command, *args]
-
-
-def step_argv() -> list[str]:
-    """``dagster api execute_step`` through ``step_entry``, which keeps cancels from retrying."""
-    return [sys.executable, "-m", "dagster_taskiq_cancel.worker.step_entry"]
+    """``dagster api <command> ...`` with the worker's interpreter, through ``dagster_child``."""
+    return [sys.executable, "-m", "dagster_taskiq_cancel.worker.dagster_child", command, *args]
 
 
 def signal_process(pid: int, signum: int) -> bool:

@@ -168,7 +168,7 @@ class Worker:
             env: Mapping[str, str] = os.environ
         else:
             step_args = deserialize_value(execute_step_args or "", ExecuteStepArgs)
-            argv = children.step_argv()
+            argv = children.dagster_api_argv("execute_step")
             # Dagster gives the env as [{name, value}] (the k8s shape), not a mapping.
             env = {**os.environ, **{e["name"]: e["value"] for e in step_args.get_command_env()}}
         await self._run_child(task_id, run_id, step_key, run.tags, argv, env)

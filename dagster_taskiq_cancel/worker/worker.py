@@ -266,14 +266,14 @@ class Worker:
             step_key=held.step_key,
         )
 
-    def _record_shutdown(self, run_id: str, step_key: str | None, task_id: str) -> None:
-        run = self.instance.get_run_by_id(run_id)
+    def _record_shutdown(self, held: HeldTask, why: str) -> None:
+        run = self.instance.get_run_by_id(held.run_id)
         if run is not None:
             self.instance.report_engine_event(
-                f"Worker {self.worker_id} is shutting down and its drain time ran out: "
-                f"stopping task {task_id}.",
+                f"Worker {self.worker_id} is shutting down and {why}: "
+                f"stopping task {held.task_id}.",
                 run,
-                step_key=step_key,
+                step_key=held.step_key,
             )
 
     def _settle(self, held: HeldTask, returncode: int | None) -> bool:
@@ -474,11 +474,20 @@ class Worker:
     # --- cancel queue and acks -------------------------------------------------------------------
 
     async def cancel_loop(self) -> None:
-        """Wake the poll for every cancel request naming a held run; set aside malformed ones."""
+        """Wake the poll for every cancel request naming a held run; set aside malformed ones.
+
+        Every message is deleted whatever handling it raised: one bad body must never leave the
+        worker deaf to the cancels after it.
+        """
         names = self.broker.names
         while True:
             for message in await self.broker.receive(names.cancels, 10):
-                await self._handle_cancel(message)
+                try:
+                    await self._handle_cancel(message)
+                except Exception:
+                    logger.exception(
+                        "Deleting cancel message %s: handling it failed", message.get("MessageId")
+                    )
                 await self.broker.delete(names.cancels, message["ReceiptHandle"])
 
     async def _handle_cancel(self, message: Mapping[str, Any]) -> None:
@@ -535,17 +544,15 @@ class Worker:
 
     # --- shutdown --------------------------------------------------------------------------------
 
-    async def stop_all(self) -> None:
+    async def stop_all(self, why: str = "its drain time ran out") -> None:
         """Stop every held task as a cancellation would, and wait until each child is gone.
 
-        Used when a drain runs out: the run's log says the worker shut down, so the FAILURE
-        that Dagster then records is not mistaken for a crash or a user's cancel.
+        Used when a drain runs out or a loop died: the run's log says the worker shut down and
+        why, so the FAILURE that Dagster then records is not mistaken for a user's cancel.
         """
         for held in list(self.held.values()):
             with contextlib.suppress(Exception):
-                await self._storage_call(
-                    self._record_shutdown, held.run_id, held.step_key, held.task_id
-                )
+                await self._storage_call(self._record_shutdown, held, why)
             self.stop(held)
         await asyncio.gather(*(h.exited.wait() for h in list(self.held.values())))
 

@@ -60,6 +60,17 @@ def child_pids(parent: int, cmdline_contains: str = "") -> list[int]:
     return found
 
 
+def descendant_pids(root: int) -> set[int]:
+    """Every live process below ``root``, however deep."""
+    found: set[int] = set()
+    stack = [root]
+    while stack:
+        for pid in child_pids(stack.pop()):
+            found.add(pid)
+            stack.append(pid)
+    return found
+
+
 def stop_process(
     proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15
 ) -> None:

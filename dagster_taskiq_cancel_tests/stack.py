@@ -130,11 +130,13 @@ class Deployment:
 
     # --- workers -----------------------------------------------------------------------------
 
-    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start one worker process and wait until it listens."""
+    def start_worker(
+        self, *args: str, module: str = "dagster_taskiq_cancel"
+    ) -> subprocess.Popen[bytes]:
+        """Start one worker process (``python -m module worker``) and wait until it listens."""
         log = self.logs / f"worker-{len(self.workers)}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster_taskiq_cancel", "worker", *args],
+            [sys.executable, "-m", module, "worker", *args],
             env=self.env,
             cwd=self.root,
             stdout=log.open("wb"),

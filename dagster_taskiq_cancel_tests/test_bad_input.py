@@ -339,3 +339,25 @@ def test_one_batch_with_pathological_acks_still_ends_its_valid_run(
     assert deployment.status(run_id) == DagsterRunStatus.CANCELED
     assert acks_queue_empty(deployment)
     assert all(message_id in caplog.text for message_id in ids)
+
+
+@pytest.mark.parametrize("loop", ["listen", "poll_loop", "cancel_loop"])
+def test_a_worker_whose_loop_dies_stops_its_work_and_exits_non_zero(
+    deployment: Deployment, loop: str
+) -> None:
+    trigger = deployment.root / "die"
+    deployment.env = {**deployment.env, "DYING_LOOP": loop, "DYING_TRIGGER": str(trigger)}
+    worker = deployment.start_worker(module="dagster_taskiq_cancel_tests.dying_worker")
+    run_id = deployment.launch(sleepy_job, seconds=300)
+    pid = deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    trigger.touch()
+    wait_for(lambda: worker.poll() is not None, 30, "the worker exits")
+    assert worker.returncode != 0
+    log = deployment.worker_log(0)
+    assert "Traceback" in log and f"injected failure: {trigger} exists" in log, log
+    assert not pid_alive(pid), "its work stops with it"
+    assert any(
+        "is shutting down and its" in m and "failed" in m
+        for m in deployment.engine_messages(run_id)
+    )

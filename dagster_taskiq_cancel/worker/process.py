@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import subprocess
@@ -82,11 +81,12 @@ async def _serve(worker: Worker) -> None:
     if handed_back:
         logger.info("Handed %d received, unstarted task(s) back to the queue", handed_back)
     if failure is None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(receiving), settings.drain_seconds)
+        await asyncio.wait([receiving], timeout=settings.drain_seconds)
         await worker.stop_all()
     else:
         await worker.stop_all(failure)
+        # The stopped tasks end (ack, cleanup) before the loop is torn down.
+        await asyncio.wait([receiving], timeout=settings.drain_seconds)
     signalled.cancel()
     for task in loops:
         task.cancel()

@@ -60,6 +60,15 @@ def child_pids(parent: int, cmdline_contains: str = "") -> list[int]:
     return found
 
 
+def task_pids(worker: int, cmdline_contains: str) -> list[int]:
+    """The Dagster child processes of ``worker`` (each runs under its guard)."""
+    return [
+        pid
+        for guard in child_pids(worker, cmdline_contains)
+        for pid in child_pids(guard, cmdline_contains)
+    ]
+
+
 def descendant_pids(root: int) -> set[int]:
     """Every live process below ``root``, however deep."""
     found: set[int] = set()

@@ -12,7 +12,9 @@ that group. The guard:
 - forwards SIGTERM and SIGINT to the Dagster child only: that is Dagster's interrupt, and the run
   process forwards it to its step processes itself;
 - when the child exits, kills what is left and exits as the child did: the same exit code, or
-  the same signal, so the worker sees ``-N`` for a child killed by signal N.
+  the same signal, so the worker sees ``-N`` for a child killed by signal N;
+- gives the child a parent-death signal (SIGKILL) of its own, so that a guard killed alone does
+  not leave the run process behind.
 
 It imports only the standard library and is started with ``-I -S``: a few milliseconds and a
 few MiB, and nothing of Dagster or of this package (whose ``__init__`` imports Dagster).
@@ -94,6 +96,23 @@ def kill_all() -> None:
         _reap()
 
 
+def _start(command: list[str]) -> int:
+    """Fork and exec ``command``; the child dies with the guard and gets default signals."""
+    guard = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        for signum in _RESTORED:
+            signal.signal(signum, signal.SIG_DFL)
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == guard:  # else the guard died before the signal was armed
+            os.execvp(command[0], command)
+    except BaseException as exc:
+        print(f"guard: cannot run {command[0]}: {exc}", file=sys.stderr)
+    os._exit(127)
+
+
 def _exit_as(status: int) -> None:
     """End the guard as the child ended: its exit code, or death by the same signal."""
     code = os.waitstatus_to_exitcode(status)
@@ -130,7 +149,7 @@ def main(argv: list[str]) -> None:
     _prctl(_PR_SET_PDEATHSIG, ON_WORKER_DEATH)
     if os.getppid() != worker:  # the worker died before the parent-death signal was armed
         worker_died(ON_WORKER_DEATH, None)
-    child = os.posix_spawnp(command[0], command, os.environ, setsigdef=_RESTORED)
+    child = _start(command)
     for signum in pending:
         forward(signum, None)
     while True:

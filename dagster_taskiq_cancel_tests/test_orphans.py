@@ -44,7 +44,9 @@ def test_sigkilled_worker_takes_every_process_of_its_run_with_it(deployment: Dep
 def test_terminate_ends_a_multiprocess_run_canceled_and_leaves_nothing(
     deployment: Deployment,
 ) -> None:
-    worker = deployment.start_worker()
+    # The multiprocess executor takes seconds to wind its step processes down (3 s on a quiet
+    # machine): a grace long enough that Dagster, not SIGKILL, ends the run.
+    worker = deployment.start_worker("--grace-seconds", "60")
     run_id, processes = _start(deployment)
     deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
     assert deployment.instance.run_launcher.terminate(run_id)

@@ -23,6 +23,8 @@ from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_sensor import tick_until
 
+pytestmark = pytest.mark.postgres
+
 CANCELED = DagsterRunStatus.CANCELED
 
 

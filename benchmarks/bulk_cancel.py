@@ -36,7 +36,7 @@ def run(ctx: Context) -> list[Row]:
     rows: list[Row] = []
     for storage in ctx.storages:
         if storage == "postgres":
-            cluster = PostgresCluster().start()
+            cluster = PostgresCluster(durable=True).start()  # commits wait for the disk
             try:
                 rows += measure(ctx, storage, storage_config(cluster.database()))
             finally:

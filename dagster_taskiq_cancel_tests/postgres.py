@@ -59,75 +59,86 @@ def free_port() -> int:
 class PostgresCluster:
     """One initdb'd data directory and its postmaster; ``database()`` makes one per test."""
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="dagster-taskiq-pg-"))
-        self.data = self.root / "data"
-        self.sockets = self.root / "sockets"
-        self.log = self.root / "postgres.log"
-        self.port = free_port()
+    def __init__(self, durable: bool = False) -> None:
+        """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them."""
+        self.durable = durable
+        self.root = Path(tempfile.gettempdir())  # set by start()
+        self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
-        # As root, drop to the unprivileged server user for initdb and the server itself.
-        self._as: dict[str, Any] = {}
-        if os.geteuid() == 0:
-            user = pwd.getpwnam(SERVER_USER)
-            self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-            os.chown(self.root, user.pw_uid, user.pw_gid)
+        self._as: dict[str, Any] = {}  # as root: the unprivileged user initdb and postgres need
+
+    @property
+    def log(self) -> Path:
+        return self.root / "postgres.log"
 
     def start(self) -> PostgresCluster:
         bin_dir = server_bin()
-        self.sockets.mkdir()
-        (self.root / "pwfile").write_text(PASSWORD)
-        if self._as:
-            for path in (self.sockets, self.root / "pwfile"):
-                os.chown(path, self._as["user"], self._as["group"])
-        subprocess.run(
+        if os.geteuid() == 0:
+            try:
+                user = pwd.getpwnam(SERVER_USER)
+            except KeyError:
+                raise RuntimeError(
+                    f"initdb refuses root and there is no {SERVER_USER!r} user to run it as: "
+                    "install Debian's postgresql package (`make postgres`), which creates it"
+                ) from None
+            self._as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
+        self.root = Path(tempfile.mkdtemp(prefix="dagster-taskiq-pg-"))
+        try:
+            self._start(bin_dir)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, bin_dir: Path) -> None:
+        data, sockets, pwfile = self.root / "data", self.root / "sockets", self.root / "pwfile"
+        sockets.mkdir()
+        pwfile.write_text(PASSWORD)
+        for path in (self.root, sockets, pwfile) if self._as else ():
+            os.chown(path, self._as["user"], self._as["group"])
+        self.port = free_port()
+        initdb = subprocess.run(
             [
                 str(bin_dir / "initdb"),
                 "-D",
-                str(self.data),
+                str(data),
                 "-U",
                 SERVER_USER,
                 "--pwfile",
-                str(self.root / "pwfile"),
+                str(pwfile),
                 "--auth=scram-sha-256",
                 "--encoding=UTF8",
                 "--no-sync",
             ],
-            check=True,
             capture_output=True,
+            text=True,
             stdin=subprocess.DEVNULL,
             **self._as,
         )
+        if initdb.returncode != 0:
+            raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}")
         self.process = subprocess.Popen(
             [
                 str(bin_dir / "postgres"),
                 "-D",
-                str(self.data),
+                str(data),
                 "-p",
                 str(self.port),
                 "-k",
-                str(self.sockets),
+                str(sockets),
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
                 "max_connections=400",
                 # Throwaway test data: no need to wait for the disk on every commit.
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
+                *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off"]),
             ],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             **self._as,
         )
-        try:
-            wait_for(self._accepting, 60, f"postgres on 127.0.0.1:{self.port} ({self.log})", 0.1)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        wait_for(self._accepting, 60, f"postgres on 127.0.0.1:{self.port} ({self.log})", 0.1)
 
     def _accepting(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
@@ -175,4 +186,5 @@ class PostgresCluster:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.name.startswith("dagster-taskiq-pg-"):
+            shutil.rmtree(self.root, ignore_errors=True)

@@ -13,7 +13,7 @@ import contextlib
 import getpass
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.events import EngineEventData
 from dagster._core.storage.tags import MAX_RETRIES_TAG
 
+from dagster_taskiq_cancel import intents
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 
@@ -34,6 +35,9 @@ WRITERS = 8  # batches in flight at once during a bulk cancel
 TERMINATE_REASON = "terminate"
 
 Action = Literal["canceled", "canceling", "skipped", "failed", "would_cancel"]
+
+# Written before the intent: a run a user stopped is never retried by Dagster's run retries.
+NO_RETRY_TAGS = {MAX_RETRIES_TAG: "0"}
 
 # Who a cancel is for while Dagster routes it through terminate() (the run coordinator does that
 # for a run dequeued after we selected it); unset, terminate() is the webserver acting for the UI.
@@ -160,11 +164,12 @@ class _Canceller:
         """Re-read up to ten runs, record intent for each, then hint them in one SQS request.
 
         Re-reading just before writing keeps the window in which a run can finish between the
-        read and the CANCELING write as short as for a single cancel (DESIGN rule 6).
+        read and the CANCELING write as short as for a single cancel (DESIGN rule 6); on
+        Postgres the write itself re-reads under a row lock, so the window is closed.
         """
         runs = {r.run_id: r for r in self.instance.get_runs(RunsFilter(run_ids=list(run_ids)))}
         outcomes: list[CancelOutcome] = []
-        recorded: list[tuple[DagsterRun, CancelRequest]] = []
+        to_record: dict[str, tuple[DagsterRun, CancelRequest]] = {}
         for run_id in run_ids:
             run = runs.get(run_id)
             if run is None or run.is_finished:
@@ -173,20 +178,60 @@ class _Canceller:
             request = CancelRequest(
                 run_id=run_id, reason=self.reason, requested_by=self.requested_by
             )
-            try:
-                if run.status == DagsterRunStatus.QUEUED:
-                    outcomes.append(self._dequeue(run, request))
-                else:
-                    # Before the intent, so no stop that follows it can end in a retry.
-                    self.instance.add_run_tags(run_id, {MAX_RETRIES_TAG: "0"})
-                    self.instance.report_run_canceling(run, message=audit_text(request))
-                    recorded.append((run, request))
-            except Exception as exc:  # a storage error on one run must not stop the others
-                logger.exception("Could not cancel run %s", run_id)
-                error = f"{type(exc).__name__}: {exc}"
-                outcomes.append(CancelOutcome(run_id, run.status, "failed", error))
-        by_run = {o.run_id: o for o in [*outcomes, *self._hint(recorded)]}
+            if run.status == DagsterRunStatus.QUEUED:
+                outcomes.append(self._guarded(run, lambda r=run, q=request: self._dequeue(r, q)))
+            else:
+                to_record[run_id] = (run, request)
+        recorded, failed = self._record(to_record)
+        by_run = {o.run_id: o for o in [*outcomes, *failed, *self._hint(recorded)]}
         return [by_run[run_id] for run_id in run_ids]
+
+    def _record(
+        self, to_record: Mapping[str, tuple[DagsterRun, CancelRequest]]
+    ) -> tuple[list[tuple[DagsterRun, CancelRequest]], list[CancelOutcome]]:
+        """Tag and mark CANCELING: one transaction on Postgres, else Dagster's calls per run."""
+        if to_record and intents.batchable(self.instance):
+            try:
+                found = intents.record_canceling(
+                    self.instance,
+                    {run_id: audit_text(request) for run_id, (_, request) in to_record.items()},
+                    NO_RETRY_TAGS,
+                )
+            except Exception:  # fall back to one run at a time, which reports each failure
+                logger.exception(
+                    "Batched cancel of %d runs failed; cancelling one by one", len(to_record)
+                )
+            else:
+                written = [v for k, v in to_record.items() if found.get(k) in intents.CANCELABLE]
+                finished = [
+                    CancelOutcome(run_id, found.get(run_id), "skipped")
+                    for run_id in to_record
+                    if found.get(run_id) not in intents.CANCELABLE
+                ]
+                return written, finished
+        recorded, failed = [], []
+        for run, request in to_record.values():
+            outcome = self._guarded(run, lambda r=run, q=request: self._record_one(r, q))
+            if outcome is None:
+                recorded.append((run, request))
+            else:
+                failed.append(outcome)
+        return recorded, failed
+
+    def _record_one(self, run: DagsterRun, request: CancelRequest) -> None:
+        self.instance.add_run_tags(run.run_id, NO_RETRY_TAGS)
+        self.instance.report_run_canceling(run, message=audit_text(request))
+
+    @staticmethod
+    def _guarded(
+        run: DagsterRun, write: Callable[[], CancelOutcome | None]
+    ) -> CancelOutcome | None:
+        """A storage error on one run must not stop the others: it becomes that run's outcome."""
+        try:
+            return write()
+        except Exception as exc:
+            logger.exception("Could not cancel run %s", run.run_id)
+            return CancelOutcome(run.run_id, run.status, "failed", f"{type(exc).__name__}: {exc}")
 
     def _dequeue(self, run: DagsterRun, request: CancelRequest) -> CancelOutcome:
         """Dagster's own path for a run still in its queue; the audit event goes first."""

@@ -33,21 +33,27 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.definition.get_closest_marker("postgres") is None:
+    """Give ``postgres`` tests their variants as a parametrize mark, before pytest reads the
+    marks and the fixtures' own params (a mark takes precedence over ``sqs_server``'s)."""
+    definition = metafunc.definition
+    if definition.get_closest_marker("postgres") is None:
         return
-    marks = metafunc.definition.iter_markers("parametrize")
-    pinned = any("sqs_server" in str(mark.args[0]) for mark in marks)
+    pinned = any("sqs_server" in str(m.args[0]) for m in definition.iter_markers("parametrize"))
     if pinned:  # the test chose its SQS server itself: vary the storage only
-        metafunc.parametrize("storage_kind", ["sqlite", "postgres"], indirect=True, scope="session")
+        mark = pytest.mark.parametrize(
+            "storage_kind", ["sqlite", "postgres"], indirect=True, scope="session"
+        )
     else:
-        metafunc.parametrize(
+        mark = pytest.mark.parametrize(
             ("sqs_server", "storage_kind"),
             STORAGE_VARIANTS,
             indirect=True,
             ids=[f"{sqs}-{storage}" for sqs, storage in STORAGE_VARIANTS],
             scope="session",  # group the tests by server and storage: each starts once
         )
+    definition.add_marker(mark)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg2
 
-from dagster_taskiq_cancel_tests.stack import wait_for
+from dagster_taskiq_cancel_tests.stack import stop_process, wait_for
 
 BIN_GLOB = "/usr/lib/postgresql/*/bin/initdb"
 SERVER_USER = "postgres"
@@ -179,12 +179,7 @@ class PostgresCluster:
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT) by the postmaster's pid; SIGKILL if it does not go."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, signal.SIGINT, timeout=30)
         if self.root.name.startswith("dagster-taskiq-pg-"):
             shutil.rmtree(self.root, ignore_errors=True)

@@ -1,7 +1,8 @@
 """CancelRequest and CancelAck: the JSON bodies on the ``-cancels`` and ``-cancel-acks`` queues.
 
 Both carry ``"v": 1`` and are validated on receipt. A body that fails validation raises
-``MalformedMessage``; callers log it with its SQS message id and set it aside.
+``MalformedMessage``, whatever it holds (deep nesting, huge numbers, lone surrogates): callers
+log it with its SQS message id and set it aside, so no body can end the loop that reads it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
+import re
 import time
 import uuid
 from typing import Literal, TypeVar
@@ -21,6 +24,7 @@ MAX_BODY_BYTES = 64 * 1024
 
 Outcome = Literal["cancelled", "killed", "skipped", "not_running", "cleanup_failed"]
 STOPPED_OUTCOMES: frozenset[str] = frozenset({"cancelled", "killed", "skipped", "cleanup_failed"})
+_HEX_MAC = re.compile(r"[0-9a-f]{64}\Z")
 
 
 class MalformedMessage(ValueError):
@@ -80,9 +84,14 @@ class Codec:
         self._key = key.encode() if key else None
         self.max_age_seconds = max_age_seconds
 
+    @property
+    def signed(self) -> bool:
+        """Whether every accepted message was verified against the key (else: hints only)."""
+        return self._key is not None
+
     def _mac(self, ts: float, inner: str) -> str:
         assert self._key is not None
-        return hmac.new(self._key, f"{ts!r}.{inner}".encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._key, _utf8(f"{ts!r}.{inner}"), hashlib.sha256).hexdigest()
 
     def dumps(self, message: _Message) -> str:
         inner = message.to_json()
@@ -93,7 +102,7 @@ class Codec:
 
     def loads(self, kind: type[M], body: str | bytes) -> M:
         """Verify (when keyed) and validate ``body``; ``MalformedMessage`` says why not."""
-        raw = body.encode() if isinstance(body, str) else body
+        raw = _utf8(body)
         if len(raw) > MAX_BODY_BYTES:
             raise MalformedMessage(f"body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
         envelope = _envelope(raw)
@@ -110,12 +119,24 @@ class Codec:
         return parse_message(kind, inner)
 
 
+def _utf8(body: str | bytes) -> bytes:
+    """``body`` as UTF-8; a str that JSON decoding left with lone surrogates is malformed."""
+    if isinstance(body, bytes):
+        return body
+    try:
+        return body.encode()
+    except UnicodeEncodeError:
+        raise MalformedMessage("not valid UTF-8 (lone surrogate)") from None
+
+
 def _envelope(raw: bytes) -> tuple[str, float, str] | None:
     """The parts of a signed envelope, or None when ``raw`` is not one."""
     try:
         data = json.loads(raw)
     except ValueError:
         return None
+    except RecursionError:
+        raise MalformedMessage("JSON nested too deeply") from None
     if not isinstance(data, dict) or "signed" not in data:
         return None
     inner, ts, mac = data.get("signed"), data.get("ts"), data.get("mac")
@@ -124,14 +145,21 @@ def _envelope(raw: bytes) -> tuple[str, float, str] | None:
         or isinstance(ts, bool)
         or not isinstance(ts, int | float)
         or not isinstance(mac, str)
+        or not _HEX_MAC.match(mac)
     ):
         raise MalformedMessage("malformed signature envelope")
-    return inner, float(ts), mac
+    try:
+        stamp = float(ts)
+    except OverflowError:
+        stamp = math.inf
+    if not math.isfinite(stamp):
+        raise MalformedMessage("malformed signature envelope: ts out of range")
+    return inner, stamp, mac
 
 
 def parse_message(kind: type[M], body: str | bytes) -> M:
     """Validate ``body`` as ``kind`` or raise ``MalformedMessage`` with a short reason."""
-    raw = body.encode() if isinstance(body, str) else body
+    raw = _utf8(body)
     if len(raw) > MAX_BODY_BYTES:
         raise MalformedMessage(f"body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
     try:

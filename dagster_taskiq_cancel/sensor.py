@@ -56,6 +56,7 @@ class TickSummary:
     canceled: int = 0
     failed: int = 0
     timed_out: int = 0
+    errors: int = 0
 
     def text(self) -> str:
         counts = ", ".join(
@@ -186,7 +187,11 @@ def _handle_batch(
     summary: TickSummary,
     log: logging.Logger,
 ) -> None:
-    """Handle up to ten acks with one run query; delete those handled even if one raises."""
+    """Handle up to ten acks with one run query; delete those handled even if one raises.
+
+    An ack whose handling raises is logged with its message id and deleted like the others (if
+    it ended nothing, the timeout still does): it must not fail every later tick.
+    """
     handled: list[str] = []
     acks: list[tuple[Mapping[str, Any], CancelAck]] = []
     codec = codec_for(queues.settings)
@@ -212,7 +217,13 @@ def _handle_batch(
                 )
                 summary.unknown_run += 1
             else:
-                _apply_ack(instance, run, ack, summary)
+                try:
+                    _apply_ack(instance, run, ack, summary)
+                except Exception:
+                    log.exception(
+                        "Deleting cancel ack %s: handling it failed", message.get("MessageId")
+                    )
+                    summary.errors += 1
             handled.append(message["ReceiptHandle"])
     finally:
         _delete(queues, handled, log)

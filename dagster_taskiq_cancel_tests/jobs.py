@@ -5,6 +5,8 @@ ran and which process must be gone.
 """
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,3 +116,20 @@ def flaky_cleanup_job() -> None:
 )
 def broken_cleanup_job() -> None:
     sleeper()
+
+
+@dg.op
+def spawner(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Starts a helper process it never waits for, as careless op code does, then sleeps."""
+    _record_start(context, config.marker_dir)
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    (Path(config.marker_dir) / f"{context.run_id}.helper").write_text(str(helper.pid))
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@dg.job  # Dagster's default executor: each op in its own multiprocessing step process
+def multiprocess_job() -> None:
+    sleeper()
+    spawner()

@@ -70,6 +70,26 @@ def child_pids(parent: int, cmdline_contains: str = "") -> list[int]:
     return found
 
 
+def task_pids(worker: int, cmdline_contains: str) -> list[int]:
+    """The Dagster child processes of ``worker`` (each runs under its guard)."""
+    return [
+        pid
+        for guard in child_pids(worker, cmdline_contains)
+        for pid in child_pids(guard, cmdline_contains)
+    ]
+
+
+def descendant_pids(root: int) -> set[int]:
+    """Every live process below ``root``, however deep."""
+    found: set[int] = set()
+    stack = [root]
+    while stack:
+        for pid in child_pids(stack.pop()):
+            found.add(pid)
+            stack.append(pid)
+    return found
+
+
 def stop_process(
     proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, timeout: float = 15
 ) -> None:
@@ -129,11 +149,13 @@ class Deployment:
 
     # --- workers -----------------------------------------------------------------------------
 
-    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
-        """Start one worker process and wait until it listens."""
+    def start_worker(
+        self, *args: str, module: str = "dagster_taskiq_cancel"
+    ) -> subprocess.Popen[bytes]:
+        """Start one worker process (``python -m module worker``) and wait until it listens."""
         log = self.logs / f"worker-{len(self.workers)}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dagster_taskiq_cancel", "worker", *args],
+            [sys.executable, "-m", module, "worker", *args],
             env=self.env,
             cwd=self.root,
             stdout=log.open("wb"),

@@ -27,6 +27,12 @@ class StepRecord:
     worker_pid: int
 
 
+def _worker_pid() -> int:
+    """The worker that holds this step process: the parent of its parent, the guard."""
+    stat = Path(f"/proc/{os.getppid()}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
 class StepMarkers(dg.ConfigurableResource):
     """The test's knobs and the steps' record of what ran."""
 
@@ -37,12 +43,12 @@ class StepMarkers(dg.ConfigurableResource):
     fail_first_attempt: bool = False
 
     def record(self, context: dg.OpExecutionContext) -> None:
-        """Note this execution; the step process is a child of the worker that holds it."""
+        """Note this execution and the worker that holds it."""
         step_key = context.get_step_execution_context().step.key
         directory = Path(self.marker_dir)
         directory.mkdir(parents=True, exist_ok=True)
         with (directory / f"{context.run_id}.steps").open("a") as f:
-            f.write(f"{step_key} {context.retry_number} {os.getpid()} {os.getppid()}\n")
+            f.write(f"{step_key} {context.retry_number} {os.getpid()} {_worker_pid()}\n")
 
     def work(self, seconds: float) -> None:
         """Sleep in short slices so that Dagster's interrupt lands promptly."""

@@ -4,7 +4,9 @@ worker and sensor log each bad message with its SQS message id, delete it, and k
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
-from dagster_taskiq_cancel.messages import CancelAck, CancelRequest, MalformedMessage, parse_message
+from dagster_taskiq_cancel.messages import (
+    CancelAck,
+    CancelRequest,
+    Codec,
+    MalformedMessage,
+    parse_message,
+)
+from dagster_taskiq_cancel.sensor import ACK_BATCH, TickSummary, _handle_batch, _receive
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import (
     EXECUTE_RUN,
@@ -25,12 +34,31 @@ from dagster_taskiq_cancel.tasks import (
     step_task_message,
 )
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
-from dagster_taskiq_cancel_tests.test_sensor import acks_queue_empty, count, tick_until
+from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.test_sensor import (
+    acks_queue_empty,
+    count,
+    set_canceling,
+    tick_until,
+)
 
 PROPERTY = settings(max_examples=300, deadline=None, database=None)
 # Between the 64 KiB our messages may have and the 256 KiB SQS lets through.
 OVERSIZED_PAD = "x" * (100 * 1024)
+HEX_MAC = "0" * 64
+# Bodies under 64 KiB that once raised past the parsers (RecursionError, OverflowError,
+# UnicodeEncodeError, TypeError) and silenced the loop reading them. All are plain text that
+# SQS carries; invalid UTF-8 it cannot carry, so that one is tested on the parsers only.
+PATHOLOGICAL = {
+    "deeply nested": "[" * 60_000,
+    "deeply nested object": '{"a": ' * 10_000,
+    "deep inside a message": '{"v": 1, "run_id": "r", "x": ' + "[" * 30_000 + "]" * 30_000 + "}",
+    "huge number": '{"v": 1, "run_id": "r", "requested_at": 1' + "0" * 5_000 + "}",
+    "deep inside an envelope": json.dumps({"signed": "[" * 30_000, "ts": 1.0, "mac": HEX_MAC}),
+    "huge envelope ts": '{"signed": "{}", "ts": 1' + "0" * 400 + f', "mac": "{HEX_MAC}"}}',
+    "lone surrogate in an envelope": f'{{"signed": "\\ud800", "ts": 1, "mac": "{HEX_MAC}"}}',
+    "non-ASCII mac": '{"signed": "{}", "ts": 1, "mac": "\\u00e9"}',
+}
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
@@ -94,6 +122,63 @@ def test_parser_returns_a_valid_model_or_raises_malformed(
     assert parse_message(kind, message.to_json()) == message, "what we accept, we can resend"
 
 
+def _signed_by(codec: Codec, inner: str) -> str:
+    """``inner`` in an envelope with a valid signature from ``codec``: what a key holder sends."""
+    ts = time.time()
+    return json.dumps({"signed": inner, "ts": ts, "mac": codec._mac(ts, inner)})
+
+
+CODECS = [Codec(), Codec("team-secret")]
+ENVELOPES = st.fixed_dictionaries(
+    {},
+    optional={
+        "signed": FIELD_VALUES | _near_misses(_valid(CancelRequest)),
+        "ts": FIELD_VALUES,
+        "mac": FIELD_VALUES | st.just(HEX_MAC),
+    },
+).map(_dumps)
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["unkeyed", "keyed"])
+@pytest.mark.parametrize("kind", [CancelRequest, CancelAck])
+@pytest.mark.parametrize(
+    "body",
+    [*PATHOLOGICAL.values(), b"\xff\xfe{", b'{"v": 1, "run_id": "\xc3"}'],
+    ids=[*PATHOLOGICAL, "invalid utf-8", "invalid utf-8 in a field"],
+)
+def test_pathological_bodies_are_malformed_not_errors(
+    codec: Codec, kind: type[CancelRequest] | type[CancelAck], body: str | bytes
+) -> None:
+    with pytest.raises(MalformedMessage):
+        codec.loads(kind, body)
+
+
+@pytest.mark.parametrize("kind", [CancelRequest, CancelAck])
+@pytest.mark.parametrize("inner", [PATHOLOGICAL["deeply nested"], "\ud800", "[1e999]"])
+def test_validly_signed_garbage_is_malformed(
+    kind: type[CancelRequest] | type[CancelAck], inner: str
+) -> None:
+    codec = Codec("team-secret")
+    with pytest.raises(MalformedMessage):
+        codec.loads(kind, _signed_by(codec, inner))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["unkeyed", "keyed"])
+@pytest.mark.parametrize("kind", [CancelRequest, CancelAck])
+@PROPERTY
+@given(data=st.data())
+def test_codec_returns_a_valid_model_or_raises_malformed(
+    codec: Codec, kind: type[CancelRequest] | type[CancelAck], data: st.DataObject
+) -> None:
+    body = data.draw(st.one_of(_bodies(_valid(kind)), ENVELOPES))
+    try:
+        message = codec.loads(kind, body)
+    except MalformedMessage as exc:
+        assert str(exc)
+        return
+    assert isinstance(message, kind)
+
+
 BROKER = CancellableSqsBroker(TaskiqCancelSettings(queue_name="property"))
 TASK_DICTS = st.fixed_dictionaries(
     {},
@@ -153,12 +238,14 @@ def test_bad_messages_on_every_queue_are_logged_deleted_and_work_goes_on(
         "missing kwargs": _task_body(task_name=EXECUTE_RUN, kwargs={}),
         "taskiq label": _task_body(labels={"run_id": "r", "ack_type": "nonsense"}),
         "unknown version": '{"v": 2, "run_id": "r"}',
+        **PATHOLOGICAL,
     }
     cancel_bodies = {
         "not json": "{nope",
         "oversized": json.dumps({"v": 1, "run_id": "r", "pad": OVERSIZED_PAD}),
         "wrong types": '{"v": 1, "run_id": 5}',
         "unknown version": '{"v": 2, "run_id": "r"}',
+        **PATHOLOGICAL,
     }
     ack_bodies = {
         "not json": "{nope",
@@ -167,6 +254,7 @@ def test_bad_messages_on_every_queue_are_logged_deleted_and_work_goes_on(
         ),
         "wrong types": '{"v": 1, "run_id": "r", "worker_id": 5, "outcome": "killed"}',
         "unknown version": '{"v": 2, "run_id": "r", "worker_id": "w", "outcome": "killed"}',
+        **PATHOLOGICAL,
     }
 
     def send_all(name: str, bodies: dict[str, str]) -> dict[str, str]:
@@ -202,3 +290,74 @@ def test_bad_messages_on_every_queue_are_logged_deleted_and_work_goes_on(
     run_id = deployment.launch(sleepy_job)
     deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=120)
     assert proc.poll() is None
+
+
+def test_cancel_loop_outlives_pathological_bodies_and_still_stops_a_run(
+    deployment: Deployment,
+) -> None:
+    """With a 60 s poll, only a live cancel loop can stop the run within seconds."""
+    deployment.start_worker("--poll-interval-seconds", "60")
+    run_id = deployment.launch(sleepy_job, seconds=300)
+    pid = deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    queues = deployment.queues
+    ids = {
+        what: queues.send(queues.names.cancels, body, "bad", uuid.uuid4().hex)
+        for what, body in PATHOLOGICAL.items()
+    }
+    wait_for(deployment.queue_empty, 30, "pathological cancel messages deleted")
+    log = deployment.worker_log(0)
+    for what, message_id in ids.items():
+        assert message_id in log, f"{what} not logged with its message id"
+    started = time.monotonic()
+    assert deployment.instance.run_launcher.terminate(run_id)
+    wait_for(lambda: not pid_alive(pid), 10, "the cancel message stops the run")
+    assert time.monotonic() - started < 10
+    deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
+
+
+def test_one_batch_with_pathological_acks_still_ends_its_valid_run(
+    deployment: Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id = deployment.launch(sleepy_job)
+    set_canceling(deployment, run_id)
+    acks = deployment.queues.names.acks
+    bad = list(PATHOLOGICAL.values())[: ACK_BATCH - 1]
+    ids = [deployment.queues.send(acks, body, "bad", uuid.uuid4().hex) for body in bad]
+    valid = CancelAck(run_id=run_id, task_id=run_id, worker_id="w", outcome="killed")
+    deployment.queues.send(acks, valid.to_json(), "bad", uuid.uuid4().hex)
+    batch: list[dict[str, Any]] = []
+
+    def received_all() -> bool:
+        batch.extend(_receive(deployment.queues, ACK_BATCH, 1))
+        return len(batch) == len(bad) + 1
+
+    wait_for(received_all, 30, "every ack received")
+    summary = TickSummary()
+    _handle_batch(deployment.instance, deployment.queues, batch, summary, logging.getLogger("t"))
+    assert (summary.malformed, summary.canceled) == (len(bad), 1)
+    assert deployment.status(run_id) == DagsterRunStatus.CANCELED
+    assert acks_queue_empty(deployment)
+    assert all(message_id in caplog.text for message_id in ids)
+
+
+@pytest.mark.parametrize("loop", ["listen", "poll_loop", "cancel_loop"])
+def test_a_worker_whose_loop_dies_stops_its_work_and_exits_non_zero(
+    deployment: Deployment, loop: str
+) -> None:
+    trigger = deployment.root / "die"
+    deployment.env = {**deployment.env, "DYING_LOOP": loop, "DYING_TRIGGER": str(trigger)}
+    worker = deployment.start_worker(module="dagster_taskiq_cancel_tests.dying_worker")
+    run_id = deployment.launch(sleepy_job, seconds=300)
+    pid = deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    trigger.touch()
+    wait_for(lambda: worker.poll() is not None, 30, "the worker exits")
+    assert worker.returncode != 0
+    log = deployment.worker_log(0)
+    assert "Traceback" in log and f"injected failure: {trigger} exists" in log, log
+    assert not pid_alive(pid), "its work stops with it"
+    assert any(
+        "is shutting down and its" in m and "failed" in m
+        for m in deployment.engine_messages(run_id)
+    )

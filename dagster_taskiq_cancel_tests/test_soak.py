@@ -113,16 +113,6 @@ def kill_worker(deployment: Deployment, soak: Soak, index: int) -> set[str]:
     return lost
 
 
-def dagster_start_race(deployment: Deployment, run_id: str) -> bool:
-    """Dagster's own race, not ours: RUN_CANCELING recorded while the run process was writing
-    RUN_START; its status write can land last (last-write-wins), so on the interrupt Dagster
-    reads STARTED and records "No user initiated termination request was found"."""
-    messages = deployment.engine_messages(run_id)
-    return any(m.startswith("Cancel requested by") for m in messages) and any(
-        "No user initiated termination request was found" in m for m in messages
-    )
-
-
 @pytest.mark.timeout(1800)
 def test_soak_terminate_kill_and_duplicates(
     tmp_path: Path,
@@ -175,16 +165,13 @@ def test_soak_terminate_kill_and_duplicates(
         tick_until(deployment, settled, timeout=120 + 3 * count, cancel_timeout_seconds=10)
 
         canceled = {r for r, ok in soak.terminated.items() if ok}
-        start_races = set()
         for run_id in soak.run_ids:
             status = statuses[run_id]
             if run_id in lost:
                 assert status in {Status.FAILURE, Status.CANCELED}, (run_id, status)
             elif run_id in canceled:
-                if status == Status.FAILURE and dagster_start_race(deployment, run_id):
-                    start_races.add(run_id)
-                    continue
-                # SUCCESS only if the run finished while the cancel was on its way.
+                # Never FAILURE, also when terminated while Dagster starts the run; SUCCESS
+                # only if the run finished while the cancel was on its way.
                 assert status in {Status.CANCELED, Status.SUCCESS}, (run_id, status)
             else:
                 assert status == Status.SUCCESS, (run_id, status)
@@ -194,8 +181,6 @@ def test_soak_terminate_kill_and_duplicates(
         wait_for(lambda: not any(pid_alive(p) for p in pids), 30, "every op process gone")
         assert not [p for w in deployment.workers for p in child_pids(w.pid, "dagster")]
 
-        print(f"\nterminated at the moment Dagster started the run, ended FAILURE: {start_races}")
-        assert len(start_races) <= max(1, count // 20), start_races
         by_status = Counter(s.value for s in statuses.values())
         print(
             f"\nsoak ({sqs_server.label}, seed {SEED}, {time.monotonic() - started:.0f}s): "

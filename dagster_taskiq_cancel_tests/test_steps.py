@@ -16,7 +16,7 @@ from dagster import DagsterRunStatus
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import STOPPED_OUTCOMES, CancelAck, parse_message
 from dagster_taskiq_cancel.tasks import EXECUTE_STEP, step_task_id
-from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, task_pids, wait_for
 from dagster_taskiq_cancel_tests.step_jobs import (
     StepRecord,
     fan_job,
@@ -118,13 +118,19 @@ def test_terminate_stops_every_step_on_every_worker(deployment: Deployment) -> N
     assert all(r.attempt == 0 for r in step_records(deployment.markers, run_id)), (
         "a step was retried"
     )
+    # The parts have a RetryPolicy: a cancel must not put them up for retry, nor send attempts.
+    events = deployment.instance.all_logs(run_id)
+    assert not [e for e in events if e.dagster_event and e.dagster_event.is_step_up_for_retry]
+    assert not [
+        m for m in deployment.engine_messages(run_id) if f"{run_id}:part" in m and m.endswith(":1.")
+    ]
 
 
 def test_steps_of_a_dead_run_process_stop_once_the_run_fails(deployment: Deployment) -> None:
     workers = [deployment.start_worker("--concurrency", "2") for _ in range(2)]
     run_id = _launch(deployment, width=2, seconds=600)
     parts = _running_parts(deployment, run_id, 2)
-    run_pids = [pid for w in workers for pid in child_pids(w.pid, "execute_run")]
+    run_pids = [pid for w in workers for pid in task_pids(w.pid, "execute_run")]
     assert len(run_pids) == 1, run_pids
     os.kill(run_pids[0], signal.SIGKILL)
     _wait_gone(run_pids, 10)

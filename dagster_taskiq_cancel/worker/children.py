@@ -1,40 +1,44 @@
-"""Dagster child processes: started in their own process group, tied to the worker's life.
+"""Dagster child processes: started under a guard in their own session, tied to the worker's life.
 
 Dagster work runs as ``python -m dagster api ...`` in a child so that it can be stopped: SIGTERM
 reaches Dagster's own interrupt handling (``capture_interrupts``), SIGKILL of the process group
 ends whatever is left. Synchronous code in a thread of the worker could never be stopped.
+
+The child runs under ``guard.py``, which leads the session and process group: the pid the worker
+holds is the guard's, SIGTERM/SIGINT sent to it reach the Dagster child, and when the worker dies
+(SIGKILL included) the guard kills every process of the task, however deep.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+GUARD = str(Path(__file__).with_name("guard.py"))
 
 
-def _in_child() -> None:
-    """Runs between fork and exec: new session (own group), and die with the worker."""
-    os.setsid()
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def guarded_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` under the guard; ``-I -S``: the guard needs only the standard library."""
+    return [sys.executable, "-I", "-S", GUARD, str(os.getpid()), "--", *argv]
 
 
 async def spawn(argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subprocess.Process:
-    """Start ``argv`` as the leader of a new process group that is killed if the worker dies."""
+    """Start ``argv`` under the guard, which leads a new session and dies with the worker."""
     return await asyncio.create_subprocess_exec(
-        *argv, env=dict(env), preexec_fn=_in_child, stdin=asyncio.subprocess.DEVNULL
+        *guarded_argv(argv),
+        env=dict(env),
+        start_new_session=True,
+        stdin=asyncio.subprocess.DEVNULL,
     )
 
 
 def dagster_api_argv(command: str, *args: str) -> list[str]:
-    """``python -m dagster api <command> ...`` with the worker's own interpreter."""
-    return [sys.executable, "-m", "dagster", "api", command, *args]
+    """``dagster api <command> ...`` with the worker's interpreter, through ``dagster_child``."""
+    return [sys.executable, "-m", "dagster_taskiq_cancel.worker.dagster_child", command, *args]
 
 
 def signal_process(pid: int, signum: int) -> bool:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from dagster import DagsterInstance
 from taskiq import AcknowledgeType
@@ -31,7 +30,17 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
         worker.close()
 
 
+class WorkerLoopFailed(RuntimeError):
+    """One of the worker's loops ended: the worker stopped its work and exits non-zero."""
+
+
 async def _serve(worker: Worker) -> None:
+    """Serve until SIGTERM/SIGINT, or until a loop dies.
+
+    A dead loop would leave the worker half-deaf (no cancels, no polls or no new work), so it
+    is logged with its traceback, the held work is stopped at once (no drain: the poll may be
+    the loop that died) and ``WorkerLoopFailed`` ends the process with a non-zero exit.
+    """
     settings = worker.settings
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -49,7 +58,11 @@ async def _serve(worker: Worker) -> None:
     )
     finish = asyncio.Event()
     receiving = asyncio.create_task(receiver.listen(finish))
-    helpers = [asyncio.create_task(worker.poll_loop()), asyncio.create_task(worker.cancel_loop())]
+    loops = {
+        receiving: "main-queue receiver",
+        asyncio.create_task(worker.poll_loop()): "run storage poll",
+        asyncio.create_task(worker.cancel_loop()): "cancel loop",
+    }
     logger.info(
         "Worker %s listening on %s (%s slots, poll every %ss)",
         worker.worker_id,
@@ -58,21 +71,46 @@ async def _serve(worker: Worker) -> None:
         settings.poll_interval_seconds,
     )
     print(f"worker {worker.worker_id} ready", flush=True)
-    await asyncio.wait(
-        [receiving, asyncio.create_task(stopping.wait())], return_when="FIRST_COMPLETED"
-    )
-    logger.info("Worker %s draining: %d task(s) running", worker.worker_id, len(worker.held))
+    signalled = asyncio.create_task(stopping.wait())
+    await asyncio.wait([*loops, signalled], return_when="FIRST_COMPLETED")
+    failure = _failure(worker, loops)
+    if failure is None:
+        logger.info("Worker %s draining: %d task(s) running", worker.worker_id, len(worker.held))
     finish.set()
     handed_back = await worker.broker.release_unstarted()
     if handed_back:
         logger.info("Handed %d received, unstarted task(s) back to the queue", handed_back)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(asyncio.shield(receiving), settings.drain_seconds)
-    await worker.stop_all()
-    for task in (*helpers, receiving):
+    if failure is None:
+        await asyncio.wait([receiving], timeout=settings.drain_seconds)
+        await worker.stop_all()
+    else:
+        await worker.stop_all(failure)
+        # The stopped tasks end (ack, cleanup) before the loop is torn down.
+        await asyncio.wait([receiving], timeout=settings.drain_seconds)
+    signalled.cancel()
+    for task in loops:
         task.cancel()
-    await asyncio.gather(*helpers, receiving, return_exceptions=True)
+    await asyncio.gather(*loops, signalled, return_exceptions=True)
+    if failure is not None:
+        raise WorkerLoopFailed(f"worker {worker.worker_id}: {failure}")
     logger.info("Worker %s stopped", worker.worker_id)
+
+
+def _failure(worker: Worker, loops: Mapping[asyncio.Task[None], str]) -> str | None:
+    """What ended early, logged with its traceback; None when every loop still runs."""
+    failed = next((task for task in loops if task.done()), None)
+    if failed is None:
+        return None
+    error = None if failed.cancelled() else failed.exception()
+    logger.critical(
+        "Worker %s: its %s ended (%r); stopping %d task(s) and exiting",
+        worker.worker_id,
+        loops[failed],
+        error,
+        len(worker.held),
+        exc_info=error,
+    )
+    return f"its {loops[failed]} failed"
 
 
 def run_processes(argv: Sequence[str], count: int) -> int:

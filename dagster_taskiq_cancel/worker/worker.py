@@ -4,7 +4,7 @@ Three loops share one event loop:
 
 - taskiq's Receiver takes tasks from the main queue, one per free slot, and calls ``execute``;
 - ``poll_loop`` asks the run storage about every held run every ``poll_interval_seconds``
-  (or at once when woken) and stops the children of runs that are no longer live;
+  (or at once when woken) and stops the children of cancelled runs (see ``authority``);
 - ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus
 from dagster._core.events import EngineEventData
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
 from dagster._serdes import deserialize_value, serialize_value
@@ -55,7 +55,14 @@ from dagster_taskiq_cancel.tasks import (
     claim_tag,
 )
 from dagster_taskiq_cancel.worker import children
-from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, is_live, run_statuses
+from dagster_taskiq_cancel.worker.authority import (
+    RUN_STARTABLE,
+    cancel_recorded,
+    has_ended,
+    is_cancelled,
+    run_started,
+    run_statuses,
+)
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 
 logger = logging.getLogger(__name__)
@@ -77,7 +84,11 @@ class HeldTask:
     cancel_file: Path
     request: CancelRequest | None = None
     stop_started_at: float | None = None
+    cancel: bool = False  # stopping because the run was cancelled (not ended, not a drain)
     killed: bool = False
+    before_start: bool = False  # killed before Dagster started the run: none of it ran
+    start_checked: bool = False  # run task: event log checked for a cancel RUN_START overwrote
+    ended_since: float | None = None  # when the run was first seen ended while this still ran
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -150,9 +161,14 @@ class Worker:
         if run is None:
             logger.warning("Dropping task %s: run %s does not exist", task_id, run_id)
             return
-        if not is_live(run.status):
+        if is_cancelled(run.status):
             logger.info("Skipping task %s: run %s is %s", task_id, run_id, run.status.value)
             await self._ack(run_id, step_key, task_id, "skipped", f"run was {run.status.value}")
+            return
+        if has_ended(run.status):
+            logger.info(
+                "Dropping task %s: run %s already ended %s", task_id, run_id, run.status.value
+            )
             return
         if step_key is None:
             if resume and run.tags.get(TASK_ID_TAG) != task_id:
@@ -249,16 +265,18 @@ class Worker:
             if all(h.run_id != run_id for h in self.held.values()):
                 self._pending_requests.pop(run_id, None)
         logger.info("Task %s ended with exit code %s", task_id, returncode)
-        if held.stop_started_at is None:
-            if step_key is None:
-                await self._storage_call(self._fail_if_unfinished, run_id, returncode)
-            return  # finished on its own: no ack, and never a cleanup
+        cleanup = await self._storage_call(self._settle, held, returncode)
+        if not held.cancel:
+            return  # finished on its own, or stopped by a drain: no ack, and never a cleanup
         outcome: Outcome = "killed" if held.killed else "cancelled"
         detail = f"exit code {returncode}"
-        context = CleanupContext(run_id, step_key, outcome, 0, dict(tags))
-        error = await run_cleanup(context, os.environ)
-        if error is not None:
-            outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
+        if held.before_start:
+            detail = "stopped before Dagster started the run; none of it ran"
+        if cleanup:
+            context = CleanupContext(run_id, step_key, outcome, 0, dict(tags))
+            error = await run_cleanup(context, os.environ)
+            if error is not None:
+                outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
         await self._ack(run_id, step_key, task_id, outcome, detail, held)
 
     def _record_start(self, held: HeldTask) -> None:
@@ -276,24 +294,75 @@ class Worker:
             step_key=held.step_key,
         )
 
-    def _record_shutdown(self, run_id: str, step_key: str | None, task_id: str) -> None:
-        run = self.instance.get_run_by_id(run_id)
+    def _record_shutdown(self, held: HeldTask, why: str) -> None:
+        run = self.instance.get_run_by_id(held.run_id)
         if run is not None:
             self.instance.report_engine_event(
-                f"Worker {self.worker_id} is shutting down and its drain time ran out: "
-                f"stopping task {task_id}.",
+                f"Worker {self.worker_id} is shutting down and {why}: "
+                f"stopping task {held.task_id}.",
                 run,
-                step_key=step_key,
+                step_key=held.step_key,
             )
 
-    def _fail_if_unfinished(self, run_id: str, returncode: int) -> None:
-        """A run process that died without ending its run (OOM kill, crash) fails the run."""
+    def _settle(self, held: HeldTask, returncode: int | None) -> bool:
+        """Leave the run in a true state once the task's child is gone; True to run cleanup.
+
+        A run task whose run holds a cancel is a cancel, even if the child exited by itself (it
+        read CANCELING at start) or Dagster's RUN_START overwrote the cancel: CANCELING is made
+        the status again so that the sensor ends the run CANCELED. A run process that died
+        without ending a run nobody cancelled (OOM kill, crash) fails the run.
+        """
+        run = self.instance.get_run_by_id(held.run_id)
+        if run is None or held.step_key is not None:
+            return held.cancel and held.stop_started_at is not None and not held.before_start
+        if not held.cancel and not run.is_finished:
+            held.cancel = is_cancelled(run.status) or cancel_recorded(self.instance, run.run_id)
+        if not held.cancel:
+            if not run.is_finished:
+                self.instance.report_run_failed(
+                    run,
+                    f"Run process on worker {self.worker_id} exited with code {returncode} "
+                    "before the run finished.",
+                )
+            return False
+        if not run.is_finished and run.status != DagsterRunStatus.CANCELING:
+            self._reassert_cancel(run)
+        return (
+            held.stop_started_at is not None
+            and not held.before_start
+            and run.status != DagsterRunStatus.SUCCESS
+        )
+
+    def _reassert_cancel(self, run: DagsterRun) -> None:
+        self.instance.report_run_canceling(
+            run,
+            message=(
+                f"Worker {self.worker_id}: the cancel recorded earlier was overwritten when "
+                "Dagster started the run (RUN_START); recording CANCELING again so that the run "
+                "stops and ends CANCELED."
+            ),
+        )
+
+    def _reassert_if_overwritten(self, run_id: str) -> bool:
+        """For a run just seen STARTED: True if its log holds a cancel (re-recorded now)."""
+        if not cancel_recorded(self.instance, run_id):
+            return False
         run = self.instance.get_run_by_id(run_id)
-        if run is not None and not run.is_finished and run.status != DagsterRunStatus.CANCELING:
-            self.instance.report_run_failed(
+        if run is None or run.is_finished:
+            return False
+        if run.status != DagsterRunStatus.CANCELING:
+            self._reassert_cancel(run)
+        return True
+
+    def _record_orphan_stop(self, held: HeldTask, status: DagsterRunStatus | None) -> None:
+        run = self.instance.get_run_by_id(held.run_id)
+        if run is not None:
+            self.instance.report_engine_event(
+                f"Worker {self.worker_id} is stopping task {held.task_id}: it was still running "
+                f"{self.settings.grace_seconds:g}s after the run ended "
+                f"{status.value if status else 'or was deleted'}.",
                 run,
-                f"Run process on worker {self.worker_id} exited with code {returncode} "
-                "before the run finished.",
+                step_key=held.step_key,
             )
 
     # --- stopping ------------------------------------------------------------------------------
@@ -316,7 +385,7 @@ class Worker:
             self._wake.clear()
 
     async def check_held(self) -> None:
-        """One batched query for every held run; stop the tasks of runs no longer live."""
+        """One batched status query for every held run; then act on what the authority says."""
         waiting = [h for h in self.held.values() if h.stop_started_at is None]
         if not waiting:
             return
@@ -324,30 +393,84 @@ class Worker:
             run_statuses, self.instance, {h.run_id for h in waiting}
         )
         for held in waiting:
-            if not is_live(statuses.get(held.run_id)):
-                self.stop(held)
+            status = statuses.get(held.run_id)
+            first_seen_started = (
+                held.step_key is None
+                and status == DagsterRunStatus.STARTED
+                and not held.start_checked
+            )
+            if first_seen_started:
+                held.start_checked = True
+                if await self._storage_call(self._reassert_if_overwritten, held.run_id):
+                    status = DagsterRunStatus.CANCELING
+            if is_cancelled(status):
+                await self._cancel(held)
+            elif has_ended(status):
+                await self._leave_to_finish(held, status)
+
+    async def _cancel(self, held: HeldTask) -> None:
+        """Stop a cancelled task; a run that Dagster has not started yet is killed outright.
+
+        Before RUN_START, an interrupt can land after Dagster's run process read the status and
+        before it writes RUN_START, which would overwrite the cancel and end the run FAILURE.
+        None of the job has run at that point, so SIGKILL loses nothing.
+        """
+        held.cancel = True
+        if held.step_key is None and not await self._storage_call(
+            run_started, self.instance, held.run_id
+        ):
+            logger.info("Killing task %s: its run was cancelled before it started", held.task_id)
+            held.stop_started_at = time.time()
+            held.request = self._pending_requests.get(held.run_id)
+            held.killed = held.before_start = True
+            children.kill_group(held.process.pid)
+            return
+        self.stop(held)
+
+    async def _leave_to_finish(self, held: HeldTask, status: DagsterRunStatus | None) -> None:
+        """An ended run's processes exit by themselves; stop only one still running after grace.
+
+        Such a task is an orphan (its run was failed while it ran, for instance by run
+        monitoring): it is stopped without an ack and without cleanup, as nobody cancelled it.
+        """
+        now = time.monotonic()
+        if held.ended_since is None:
+            held.ended_since = now
+        elif now - held.ended_since >= self.settings.grace_seconds:
+            await self._storage_call(self._record_orphan_stop, held, status)
+            self.stop(held)
 
     def stop(self, held: HeldTask) -> None:
-        """Notice (the deadline file), then SIGTERM (Dagster's interrupt), then SIGKILL."""
+        """Notice (the deadline file), then SIGTERM (Dagster's interrupt), then SIGKILL.
+
+        For a cancel the deadline file is always written, so that the task's processes can tell
+        a cancel from other interrupts (``cancellation_requested()``, no retry of a step).
+        """
         if held.stop_started_at is not None:
             return
         held.stop_started_at = time.time()
         held.request = self._pending_requests.get(held.run_id)
         notice, grace = self._timing(held, "notice_seconds"), self._timing(held, "grace_seconds")
         logger.info(
-            "Stopping task %s (pid %s): run is no longer live; notice %ss, grace %ss",
+            "Stopping task %s (pid %s): %s; notice %ss, grace %ss",
             held.task_id,
             held.process.pid,
+            "run cancelled" if held.cancel else "not cancelled (run ended, or shutdown)",
             notice,
             grace,
         )
-        if notice > 0:
+        if held.cancel:
             announce(held.cancel_file, held.stop_started_at + notice)
         asyncio.get_running_loop().create_task(self._interrupt(held, notice, grace))
 
     def _timing(self, held: HeldTask, name: str) -> float:
-        """The cancel request's value, else the run tag's, else the setting."""
-        requested = getattr(held.request, name, None) if held.request else None
+        """A signed cancel request's value, else the run tag's, else the setting.
+
+        An unsigned request is only a hint (anyone who can send to the queue can forge it), so
+        it never changes how a stop is timed.
+        """
+        trusted = held.request if held.request and self.codec.signed else None
+        requested = getattr(trusted, name, None)
         if requested is not None:
             return float(requested)
         tag = held.tags.get(f"{TAG_PREFIX}{name}")
@@ -379,11 +502,20 @@ class Worker:
     # --- cancel queue and acks -------------------------------------------------------------------
 
     async def cancel_loop(self) -> None:
-        """Wake the poll for every cancel request naming a held run; set aside malformed ones."""
+        """Wake the poll for every cancel request naming a held run; set aside malformed ones.
+
+        Every message is deleted whatever handling it raised: one bad body must never leave the
+        worker deaf to the cancels after it.
+        """
         names = self.broker.names
         while True:
             for message in await self.broker.receive(names.cancels, 10):
-                await self._handle_cancel(message)
+                try:
+                    await self._handle_cancel(message)
+                except Exception:
+                    logger.exception(
+                        "Deleting cancel message %s: handling it failed", message.get("MessageId")
+                    )
                 await self.broker.delete(names.cancels, message["ReceiptHandle"])
 
     async def _handle_cancel(self, message: Mapping[str, Any]) -> None:
@@ -440,17 +572,15 @@ class Worker:
 
     # --- shutdown --------------------------------------------------------------------------------
 
-    async def stop_all(self) -> None:
+    async def stop_all(self, why: str = "its drain time ran out") -> None:
         """Stop every held task as a cancellation would, and wait until each child is gone.
 
-        Used when a drain runs out: the run's log says the worker shut down, so the FAILURE
-        that Dagster then records is not mistaken for a crash or a user's cancel.
+        Used when a drain runs out or a loop died: the run's log says the worker shut down and
+        why, so the FAILURE that Dagster then records is not mistaken for a user's cancel.
         """
         for held in list(self.held.values()):
             with contextlib.suppress(Exception):
-                await self._storage_call(
-                    self._record_shutdown, held.run_id, held.step_key, held.task_id
-                )
+                await self._storage_call(self._record_shutdown, held, why)
             self.stop(held)
         await asyncio.gather(*(h.exited.wait() for h in list(self.held.values())))
 

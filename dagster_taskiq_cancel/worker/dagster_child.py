@@ -1,0 +1,76 @@
+"""The worker's Dagster child: ``dagster api execute_run|execute_step`` with two cancel fixes.
+
+Both correct Dagster behaviours that break a cancel, and act only once a stop has begun:
+
+- **A cancelled step is not retried.** Dagster applies an op's RetryPolicy to interrupts (so that
+  a preempted step runs again): interrupting the steps of a cancelled run would put each one up
+  for retry and make the executor send retry attempts of a run that is stopping. The worker
+  writes the cancel deadline file before it interrupts cancelled work (``cancellation_requested()``
+  is then not None); from then on the step's retry mode reads as disabled.
+- **An interrupt reaches a step process launched while the run handled it.** The multiprocess
+  executor forwards an interrupt only to step processes that already exist; one it launches in
+  the same moment never hears of it and runs to its end. Here a step process started after the
+  executor was interrupted gets its termination event at once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from dagster._cli import main as dagster_main
+from dagster._core.execution.context.system import StepExecutionContext
+from dagster._core.execution.plan.active import ActiveExecution
+from dagster._core.execution.retries import RetryMode
+from dagster._core.executor import multiprocess
+
+from dagster_taskiq_cancel.cooperative import cancellation_requested
+
+_dagster_retry_mode = StepExecutionContext.retry_mode
+_dagster_mark_interrupted = ActiveExecution.mark_interrupted
+_dagster_execute_step_out_of_process = multiprocess.execute_step_out_of_process
+_interrupted = False  # one run per process: the executor of this run was interrupted
+
+
+def _retry_mode(self: StepExecutionContext) -> RetryMode:
+    mode = _dagster_retry_mode.fget(self)  # type: ignore[attr-defined]
+    return RetryMode.DISABLED if cancellation_requested() is not None else mode
+
+
+def _mark_interrupted(self: ActiveExecution) -> None:
+    global _interrupted
+    _interrupted = True
+    _dagster_mark_interrupted(self)
+
+
+def _execute_step_out_of_process(
+    multiproc_ctx: Any,
+    recon_job: Any,
+    step_context: Any,
+    step: Any,
+    errors: Any,
+    processes: dict[str, Any],
+    term_events: dict[str, Any],
+    *rest: Any,
+) -> Iterator[Any]:
+    """Dagster's step launch, setting the step's termination event once it has a process."""
+    launch = _dagster_execute_step_out_of_process(
+        multiproc_ctx, recon_job, step_context, step, errors, processes, term_events, *rest
+    )
+    for item in launch:
+        if _interrupted and step.key in processes and not term_events[step.key].is_set():
+            term_events[step.key].set()
+        yield item
+
+
+def main() -> None:
+    StepExecutionContext.retry_mode = property(_retry_mode)  # type: ignore[method-assign,assignment]
+    ActiveExecution.mark_interrupted = _mark_interrupted  # type: ignore[method-assign]
+    multiprocess.execute_step_out_of_process = _execute_step_out_of_process
+    sys.argv = ["dagster", "api", *sys.argv[1:]]
+    dagster_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Every process of a run dies with its worker, and with its run: the guard between the worker
+and the Dagster child kills the multiprocess executor's step processes and what they started."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from dagster import DagsterRunStatus
+
+from dagster_taskiq_cancel_tests.jobs import multiprocess_job
+from dagster_taskiq_cancel_tests.stack import Deployment, descendant_pids, pid_alive, wait_for
+
+
+def _start(deployment: Deployment) -> tuple[str, set[int]]:
+    """A multiprocess run with both ops and the helper up; every process below the worker."""
+    config: dict[str, Any] = {"marker_dir": str(deployment.markers), "seconds": 300}
+    run_id = deployment.launch(
+        multiprocess_job,
+        run_config={"ops": {"sleeper": {"config": config}, "spawner": {"config": config}}},
+    )
+    helper = deployment.markers / f"{run_id}.helper"
+    wait_for(lambda: deployment.executions(run_id) == 2 and helper.exists(), 120, "both ops up")
+    executions = (deployment.markers / f"{run_id}.executions").read_text()
+    watched = {*map(int, executions.split()), int(helper.read_text())}
+    processes = descendant_pids(deployment.workers[0].pid)
+    # guard, run process, two step processes, the helper, and multiprocessing's own helpers
+    assert watched <= processes and len(processes) >= 5, (watched, processes)
+    return run_id, processes
+
+
+def test_sigkilled_worker_takes_every_process_of_its_run_with_it(deployment: Deployment) -> None:
+    worker = deployment.start_worker()
+    _, processes = _start(deployment)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    wait_for(
+        lambda: not any(pid_alive(pid) for pid in processes),
+        10,
+        f"every process of the run gone: {[p for p in processes if pid_alive(p)]}",
+    )
+
+
+def test_terminate_ends_a_multiprocess_run_canceled_and_leaves_nothing(
+    deployment: Deployment,
+) -> None:
+    # The multiprocess executor takes seconds to wind its step processes down (3 s on a quiet
+    # machine): a grace long enough that Dagster, not SIGKILL, ends the run.
+    worker = deployment.start_worker("--grace-seconds", "60")
+    run_id, processes = _start(deployment)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    assert deployment.instance.run_launcher.terminate(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
+    wait_for(
+        lambda: not any(pid_alive(pid) for pid in processes),
+        15,
+        f"every process of the run gone: {[p for p in processes if pid_alive(p)]}",
+    )
+    assert worker.poll() is None
+    assert "exit code 0" in deployment.worker_log(0), "Dagster's interrupt ended the run"

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # its own inside .venv (dagster_taskiq_cancel.local_sqs.MINISTACK_VENV finds it there).
 MINISTACK := 1.5.33
 
-.PHONY: dev test lint format chromium clean bench
+.PHONY: dev test lint format chromium postgres clean bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,11 @@ format: $(STAMP)
 chromium:
 	test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
-test: $(STAMP) chromium lint
+# Debian's PostgreSQL server binaries: the tests start a private cluster from them (no service).
+postgres:
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
+
+test: $(STAMP) chromium postgres lint
 	$(BIN)/pytest -p no:cacheprovider -ra
 
 dev: $(STAMP)

@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--size short|long] [--sqs moto|ministack] [--only NAME ...]``."""
+"""``python -m benchmarks [--size short|long] [--sqs moto|ministack] [--only NAME ...]
+[--storage sqlite postgres]``."""
 
 from __future__ import annotations
 
@@ -42,11 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sqs", choices=sorted(SERVERS), default="moto")
     parser.add_argument("--only", nargs="+", choices=list(SCENARIOS), metavar="NAME")
     parser.add_argument(
+        "--storage",
+        nargs="+",
+        choices=["sqlite", "postgres"],
+        default=["sqlite"],
+        help="run storages of the bulk scenario (postgres: a private local cluster)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "latest.json"
     )
     args = parser.parse_args(argv)
     chosen = {name: SCENARIOS[name] for name in args.only or SCENARIOS}
-    _, ok = run_all(chosen, args.size, args.sqs, args.out)
+    _, ok = run_all(chosen, args.size, args.sqs, args.out, args.storage)
     return 0 if ok else 1
 
 

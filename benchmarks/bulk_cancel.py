@@ -4,64 +4,53 @@ Half NOT_STARTED, half STARTING with the task message already waiting in SQS (as
 leaves them while no worker listens). QUEUED runs are left out: Dagster only queues runs with a
 remote (code-server) origin, which a run created from a job definition does not have. After
 ``cancel_runs`` a worker is started: it must take every waiting message and skip it, running
-nothing.
+nothing. ``--storage sqlite postgres`` picks the run storages (Postgres: a private cluster of
+Debian's server binaries, as in the tests).
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from typing import Any
 
-from dagster import DagsterEvent, DagsterEventType, RunsFilter
-from dagster._core.utils import make_new_run_id
+from dagster import RunsFilter
 
 from benchmarks.cancel_latency import start_workers
 from benchmarks.harness import Context
 from benchmarks.stats import Row
 from dagster_taskiq_cancel.bulk import cancel_runs
-from dagster_taskiq_cancel.tasks import run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
+from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
+from dagster_taskiq_cancel_tests.stack import (
+    Deployment,
+    create_pending_runs,
+    main_queue_empty,
+    wait_for,
+)
 
 SCENARIO = "6 bulk cancel"
 
 
-def create_pending(deployment: Deployment, count: int) -> list[str]:
-    """``count`` runs, alternately NOT_STARTED and STARTING with the task message in SQS.
-
-    Copies of one run record rather than ``count`` job snapshots, and the launcher's two effects
-    (STARTING, the task message) without its per-run engine event, ten messages per request:
-    the set-up is not what is measured, and on sqlite it would otherwise take minutes.
-    """
-    template = deployment.create_run(sleepy_job, seconds=600)
-    runs = [template] + [
-        deployment.instance.add_run(template._replace(run_id=make_new_run_id()))
-        for _ in range(count - 1)
-    ]
-    starting = runs[1::2]
-    for run in starting:
-        event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
-        deployment.instance.report_dagster_event(event, run.run_id)
-    messages = [run_task_message(run.run_id) for run in starting]
-    failures = deployment.queues.send_batch(
-        deployment.queues.names.main, [(m.body, m.task_id, m.task_id) for m in messages]
-    )
-    if failures:
-        raise RuntimeError(f"could not queue the task messages: {failures[:3]}")
-    return [run.run_id for run in runs]
-
-
-def main_queue_empty(deployment: Deployment) -> bool:
-    """The task messages are all taken (the cancel hints may still be draining)."""
-    depth = deployment.queues.depths()[deployment.queues.names.main]
-    return depth == {"visible": 0, "in_flight": 0}
-
-
 def run(ctx: Context) -> list[Row]:
-    deployment = Deployment(ctx.scratch("bulk"), ctx.endpoint_url)
+    rows: list[Row] = []
+    for storage in ctx.storages:
+        if storage == "postgres":
+            cluster = PostgresCluster(durable=True).start()  # commits wait for the disk
+            try:
+                rows += measure(ctx, storage, storage_config(cluster.database()))
+            finally:
+                cluster.stop()
+        else:
+            rows += measure(ctx, storage, {})
+    return rows
+
+
+def measure(ctx: Context, storage: str, instance_config: dict[str, Any]) -> list[Row]:
+    deployment = Deployment(ctx.scratch(f"bulk-{storage}"), ctx.endpoint_url, instance_config)
     try:
         started = time.monotonic()
-        run_ids = create_pending(deployment, ctx.size.bulk_runs)
+        run_ids = create_pending_runs(deployment, sleepy_job, ctx.size.bulk_runs)
         setup = time.monotonic() - started
         started = time.monotonic()
         result = cancel_runs(
@@ -82,10 +71,10 @@ def run(ctx: Context) -> list[Row]:
     return [
         Row(
             SCENARIO,
-            f"cancel_runs, {len(run_ids)} pending runs [s]",
+            f"cancel_runs, {len(run_ids)} pending runs, {storage} [s]",
             [elapsed],
-            note=f"actions {dict(result.by_action)}; statuses after {dict(statuses)}; "
-            f"runs executed: {executed}; setup {setup:.0f} s",
+            note=f"{len(run_ids) / elapsed:.0f} runs/s; actions {dict(result.by_action)}; "
+            f"statuses after {dict(statuses)}; runs executed: {executed}; setup {setup:.0f} s",
         ),
-        Row(SCENARIO, "worker skips the SQS-waiting ones [s]", [drained]),
+        Row(SCENARIO, f"worker skips the SQS-waiting ones, {storage} [s]", [drained]),
     ]

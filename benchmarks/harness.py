@@ -56,6 +56,7 @@ class Context:
     sqs_kind: str
     endpoint_url: str
     root: Path
+    storages: tuple[str, ...] = ("sqlite",)  # run storages of the bulk scenario
 
     def scratch(self, name: str) -> Path:
         path = self.root / name
@@ -160,11 +161,20 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def run_all(
-    scenarios: dict[str, Scenario], size_name: str, sqs_kind: str, out: Path
+    scenarios: dict[str, Scenario],
+    size_name: str,
+    sqs_kind: str,
+    out: Path,
+    storages: Sequence[str] = ("sqlite",),
 ) -> tuple[list[Row], bool]:
     """Run the scenarios in order on one SQS server; print the table, write the JSON."""
     started = time.monotonic()
-    record = {"machine": machine(), "size": size_name, "sqs": sqs_kind}
+    record = {
+        "machine": machine(),
+        "size": size_name,
+        "sqs": sqs_kind,
+        "storages": list(storages),
+    }
     rows: list[Row] = []
     ok = True
     logs = out.parent / "logs"
@@ -174,7 +184,7 @@ def run_all(
     with tempfile.TemporaryDirectory(prefix="dtc-bench-") as tmp:
         root = Path(tmp)
         with sqs_server(sqs_kind, root) as endpoint:
-            ctx = Context(SIZES[size_name], sqs_kind, endpoint, root)
+            ctx = Context(SIZES[size_name], sqs_kind, endpoint, root, tuple(storages))
             for name, scenario in scenarios.items():
                 log = logs / f"{name}.log"
                 print(f"{time.monotonic() - started:5.0f}s  {name} (output in {log})", flush=True)

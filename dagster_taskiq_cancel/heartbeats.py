@@ -12,7 +12,13 @@ import time
 from dagster import DagsterInstance, DagsterRun
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
-from dagster_taskiq_cancel.tasks import TAG_PREFIX, WORKER_ID_TAG
+from dagster_taskiq_cancel.tasks import (
+    RESUME_SENT_TAG,
+    TAG_PREFIX,
+    TASK_ID_TAG,
+    WORKER_ID_TAG,
+    claim_tag,
+)
 
 _KEY = f"{TAG_PREFIX}heartbeat/"
 
@@ -24,7 +30,26 @@ def beat(instance: DagsterInstance, worker_id: str) -> None:
 def worker_health(
     instance: DagsterInstance, run: DagsterRun, timeout_seconds: float
 ) -> CheckRunHealthResult:
-    """RUNNING while the holding worker's heartbeat is fresh, FAILED once it is stale."""
+    """RUNNING while the holding worker's heartbeat is fresh, FAILED once it is stale.
+
+    After a resume, the lost worker's tag stays until a worker claims the resume task: while
+    that task waits in SQS (up to run monitoring's start timeout) the run is not lost again,
+    so run monitoring does not send a second resume that could run beside the first.
+    """
+    task_id = run.tags.get(TASK_ID_TAG, run.run_id)
+    sent = run.tags.get(RESUME_SENT_TAG)
+    if sent and claim_tag(run.run_id, task_id) not in run.tags:
+        waited = time.time() - float(sent)
+        if waited < instance.run_monitoring_start_timeout_seconds:
+            return CheckRunHealthResult(
+                WorkerStatus.RUNNING, f"resume task {task_id} sent {waited:.0f}s ago, not taken yet"
+            )
+        return CheckRunHealthResult(
+            WorkerStatus.FAILED,
+            f"no worker took resume task {task_id} within {waited:.0f}s "
+            f"(run_monitoring.start_timeout_seconds="
+            f"{instance.run_monitoring_start_timeout_seconds:g})",
+        )
     worker_id = run.tags.get(WORKER_ID_TAG)
     if worker_id is None:
         return CheckRunHealthResult(WorkerStatus.RUNNING, "no worker has claimed the run yet")

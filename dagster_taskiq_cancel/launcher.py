@@ -3,20 +3,33 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Mapping
 from typing import Any, Self
 
 from dagster import DagsterRun
 from dagster import _check as check
 from dagster._core.events import EngineEventData
-from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, RunLauncher
+from dagster._core.launcher import (
+    CheckRunHealthResult,
+    LaunchRunContext,
+    ResumeRunContext,
+    RunLauncher,
+)
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, settings_from_env
-from dagster_taskiq_cancel.tasks import QUEUE_TAG, TASK_ID_TAG, run_task_message
+from dagster_taskiq_cancel.tasks import (
+    QUEUE_TAG,
+    RESUME_SENT_TAG,
+    TASK_ID_TAG,
+    TaskMessage,
+    resume_task_message,
+    run_task_message,
+)
 
 
 class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
@@ -53,18 +66,38 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         return SyncQueues(self.settings)
 
     def launch_run(self, context: LaunchRunContext) -> None:
+        self._send(context.dagster_run, run_task_message(context.dagster_run.run_id), "run")
+
+    @property
+    def supports_resume_run(self) -> bool:
+        return True
+
+    def resume_run(self, context: ResumeRunContext) -> None:
+        """Run monitoring found the run's worker dead: any worker resumes it from its failure.
+
+        The run stays STARTED; the resume task has its own id (run id + attempt), so the worker
+        that takes it may claim the run although the lost worker had claimed it before.
+        """
         run = context.dagster_run
-        message = run_task_message(run.run_id)
+        message = resume_task_message(run.run_id, context.resume_attempt_number or 1)
+        self._send(run, message, "resume of the run", {RESUME_SENT_TAG: repr(time.time())})
+
+    def _send(
+        self,
+        run: DagsterRun,
+        message: TaskMessage,
+        what: str,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        queue = self.queues.names.main
         self._instance.add_run_tags(
-            run.run_id, {TASK_ID_TAG: message.task_id, QUEUE_TAG: self.queues.names.main}
+            run.run_id, {TASK_ID_TAG: message.task_id, QUEUE_TAG: queue, **(tags or {})}
         )
-        self.queues.send(
-            self.queues.names.main, message.body, group_id=run.run_id, dedup_id=message.task_id
-        )
+        self.queues.send(queue, message.body, group_id=run.run_id, dedup_id=message.task_id)
         self._instance.report_engine_event(
-            f"Sent run to SQS queue {self.queues.names.main} as taskiq task {message.task_id}.",
+            f"Sent {what} to SQS queue {queue} as taskiq task {message.task_id}.",
             run,
-            EngineEventData({"queue": self.queues.names.main, "task_id": message.task_id}),
+            EngineEventData({"queue": queue, "task_id": message.task_id}),
             cls=self.__class__,
         )
 

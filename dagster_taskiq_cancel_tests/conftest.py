@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dagster_taskiq_cancel.local_sqs import SERVERS, LocalSqsServer
+from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import Deployment
 
 
@@ -16,6 +18,65 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=40,
         help="runs in the soak test (the short form fits `make test`; the long form is 200)",
     )
+
+
+# Tests marked ``postgres`` run on sqlite with both SQS servers, and on Postgres with moto.
+STORAGE_VARIANTS = [("moto", "sqlite"), ("ministack", "sqlite"), ("moto", "postgres")]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "postgres: also run the test on a private PostgreSQL cluster (moto only)"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Give ``postgres`` tests their variants as a parametrize mark, before pytest reads the
+    marks and the fixtures' own params (a mark takes precedence over ``sqs_server``'s)."""
+    definition = metafunc.definition
+    if definition.get_closest_marker("postgres") is None:
+        return
+    pinned = any("sqs_server" in str(m.args[0]) for m in definition.iter_markers("parametrize"))
+    if pinned:  # the test chose its SQS server itself: vary the storage only
+        mark = pytest.mark.parametrize(
+            "storage_kind", ["sqlite", "postgres"], indirect=True, scope="session"
+        )
+    else:
+        mark = pytest.mark.parametrize(
+            ("sqs_server", "storage_kind"),
+            STORAGE_VARIANTS,
+            indirect=True,
+            ids=[f"{sqs}-{storage}" for sqs, storage in STORAGE_VARIANTS],
+            scope="session",  # group the tests by server and storage: each starts once
+        )
+    definition.add_marker(mark)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One private cluster for the whole run, started only if a Postgres variant runs."""
+    cluster = PostgresCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def storage_kind(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` unless a ``postgres`` variant asks for ``postgres``."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def storage(request: pytest.FixtureRequest, storage_kind: str) -> dict[str, Any]:
+    """The dagster.yaml storage keys of this test: none (sqlite in the Dagster home), or a
+    database of its own on the private cluster."""
+    if storage_kind == "sqlite":
+        return {}
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return storage_config(cluster.database())
 
 
 @pytest.fixture(scope="session", params=list(SERVERS), ids=list(SERVERS))
@@ -30,8 +91,10 @@ def sqs_server(request: pytest.FixtureRequest) -> Iterator[LocalSqsServer]:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[Deployment]:
-    stack = Deployment(tmp_path, sqs_server.endpoint_url)
+def deployment(
+    tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
+) -> Iterator[Deployment]:
+    stack = Deployment(tmp_path, sqs_server.endpoint_url, instance_config=storage)
     try:
         yield stack
     finally:

@@ -16,11 +16,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, JobDefinition, reconstructable
+from dagster import (
+    DagsterEvent,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
+    JobDefinition,
+    reconstructable,
+)
+from dagster._core.utils import make_new_run_id
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.tasks import run_task_message
 
 T = TypeVar("T")
 
@@ -254,3 +264,36 @@ class Deployment:
         run = self.instance.get_run_by_id(run_id)
         assert run is not None
         return run.tags
+
+
+def create_pending_runs(
+    deployment: Deployment, job: JobDefinition, count: int, tags: Mapping[str, str] | None = None
+) -> list[str]:
+    """``count`` runs of ``job``, alternately NOT_STARTED and STARTING with the task in SQS.
+
+    Copies of one run record rather than ``count`` job snapshots, and the launcher's two effects
+    (STARTING, the task message) without its per-run engine event, ten messages per request:
+    the set-up is not what bulk cancel tests measure, and on sqlite it would take minutes.
+    """
+    template = deployment.create_run(job, seconds=600, tags=dict(tags or {}))
+    runs = [template] + [
+        deployment.instance.add_run(template._replace(run_id=make_new_run_id()))
+        for _ in range(count - 1)
+    ]
+    starting = runs[1::2]
+    for run in starting:
+        event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
+        deployment.instance.report_dagster_event(event, run.run_id)
+    messages = [run_task_message(run.run_id) for run in starting]
+    failures = deployment.queues.send_batch(
+        deployment.queues.names.main, [(m.body, m.task_id, m.task_id) for m in messages]
+    )
+    if failures:
+        raise RuntimeError(f"could not queue the task messages: {failures[:3]}")
+    return [run.run_id for run in runs]
+
+
+def main_queue_empty(deployment: Deployment) -> bool:
+    """Every task message is taken (cancel hints may still be draining)."""
+    depth = deployment.queues.depths()[deployment.queues.names.main]
+    return depth == {"visible": 0, "in_flight": 0}

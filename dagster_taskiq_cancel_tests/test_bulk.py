@@ -16,12 +16,21 @@ from dagster._core.remote_origin import (
     RemoteJobOrigin,
     RemoteRepositoryOrigin,
 )
+from dagster._core.storage.tags import MAX_RETRIES_TAG
 
 from dagster_taskiq_cancel import EmptyFilterError, TaskiqCancelResource, cancel_runs
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import (
+    Deployment,
+    create_pending_runs,
+    main_queue_empty,
+    pid_alive,
+    wait_for,
+)
 from dagster_taskiq_cancel_tests.test_sensor import tick_until
+
+pytestmark = pytest.mark.postgres
 
 CANCELED = DagsterRunStatus.CANCELED
 
@@ -164,12 +173,14 @@ def test_every_cancel_path_records_who_why_and_when(deployment: Deployment) -> N
 
 
 @pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
-def test_one_thousand_pending_runs_are_cancelled_in_seconds(
-    tmp_path: Path, sqs_server: LocalSqsServer
+def test_one_thousand_pending_runs_are_cancelled_and_none_starts(
+    tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> None:
-    """Runs waiting in SQS (STARTING) or not yet launched, no worker: intent and hint for each.
+    """1,000 runs waiting in SQS (STARTING) or not yet launched: intent and hint for each, then
+    workers take every waiting message and start none of them (benchmarks/bulk_cancel.py
+    measures the time).
 
-    The event log is one sqlite file here, as it is one database with Postgres: Dagster's
+    On sqlite the event log is one file here, as it is one database with Postgres: Dagster's
     default sqlite storage creates a database file per run on its first event (about 60 ms of
     schema setup each), which would measure Dagster's file creation rather than the cancel.
     """
@@ -179,15 +190,11 @@ def test_one_thousand_pending_runs_are_cancelled_in_seconds(
         "config": {"base_dir": str(tmp_path / "events")},
     }
     deployment = Deployment(
-        tmp_path, sqs_server.endpoint_url, instance_config={"event_log_storage": events}
+        tmp_path, sqs_server.endpoint_url, instance_config=storage or {"event_log_storage": events}
     )
     try:
         tag = {"batch": uuid.uuid4().hex}
-        statuses = (DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING)
-        run_ids = [
-            deployment.create_run(sleepy_job, tags=tag, status=statuses[i % 2]).run_id
-            for i in range(1000)
-        ]
+        run_ids = create_pending_runs(deployment, sleepy_job, 1000, tag)
         started, cpu_started = time.monotonic(), time.process_time()
         result = cancel_runs(deployment.instance, tags=tag, reason="benchmark")
         elapsed = time.monotonic() - started
@@ -201,6 +208,15 @@ def test_one_thousand_pending_runs_are_cancelled_in_seconds(
             RunsFilter(tags=tag, statuses=[DagsterRunStatus.CANCELING])
         )
         assert canceling == len(run_ids)
-        assert elapsed < 30
+        tags = deployment.instance.get_run_tags(tag_keys=[MAX_RETRIES_TAG])
+        assert tags == [(MAX_RETRIES_TAG, {"0"})], "no cancelled run can be retried"
+
+        for _ in range(2):
+            deployment.start_worker("--concurrency", "4")
+        wait_for(lambda: main_queue_empty(deployment), 240, "every waiting task message taken")
+        assert sum(deployment.executions(run_id) for run_id in run_ids) == 0
+        assert not deployment.instance.get_runs_count(
+            RunsFilter(tags=tag, statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS])
+        ), "a cancelled run started"
     finally:
         deployment.stop()

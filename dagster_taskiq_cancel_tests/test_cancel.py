@@ -5,13 +5,17 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 from dagster import DagsterRunStatus
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
+
+pytestmark = pytest.mark.postgres
 
 
 def test_twenty_cancels_on_four_workers_stop_the_right_child(deployment: Deployment) -> None:
@@ -65,10 +69,12 @@ def test_one_slot_workers_share_the_work_instead_of_hoarding(deployment: Deploym
 
 
 def test_redelivered_and_duplicated_run_messages_execute_once(
-    tmp_path: Path, sqs_server: LocalSqsServer
+    tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> None:
     """A duplicated send and an expired visibility timeout both deliver the task again."""
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, visibility_timeout_seconds=1)
+    deployment = Deployment(
+        tmp_path, sqs_server.endpoint_url, instance_config=storage, visibility_timeout_seconds=1
+    )
     try:
         run = deployment.create_run(sleepy_job, seconds=4)
         deployment.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]

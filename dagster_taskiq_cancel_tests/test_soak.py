@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import DagsterRunStatus
@@ -22,6 +23,8 @@ from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_sensor import acks_queue_empty, tick_until
+
+pytestmark = pytest.mark.postgres
 
 SEED = 20261123
 WORKERS = 4
@@ -112,7 +115,10 @@ def kill_worker(deployment: Deployment, soak: Soak, index: int) -> set[str]:
 
 @pytest.mark.timeout(1800)
 def test_soak_terminate_kill_and_duplicates(
-    tmp_path: Path, sqs_server: LocalSqsServer, request: pytest.FixtureRequest
+    tmp_path: Path,
+    sqs_server: LocalSqsServer,
+    storage: dict[str, Any],
+    request: pytest.FixtureRequest,
 ) -> None:
     count: int = request.config.getoption("--soak-runs")
     rng = random.Random(SEED)
@@ -122,7 +128,7 @@ def test_soak_terminate_kill_and_duplicates(
         # As documented for production. Without it, Dagster fails a run whose run process starts
         # after a terminate landed (it sees CANCELING); with it, it leaves the run CANCELING for
         # the worker's stop and the sensor, and the run ends CANCELED.
-        instance_config={"run_monitoring": {"enabled": True}},
+        instance_config={**storage, "run_monitoring": {"enabled": True}},
         # A message the killed worker received but never deleted comes back soon.
         visibility_timeout_seconds=10,
     )

@@ -29,7 +29,7 @@ from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus
 from dagster._core.events import EngineEventData
-from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs
+from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
 from dagster._serdes import deserialize_value, serialize_value
 from taskiq import Context, TaskiqDepends
 
@@ -45,7 +45,15 @@ from dagster_taskiq_cancel.messages import (
     codec_for,
 )
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, TAG_PREFIX, WORKER_ID_TAG
+from dagster_taskiq_cancel.tasks import (
+    EXECUTE_RUN,
+    EXECUTE_STEP,
+    RESUME_RUN,
+    TAG_PREFIX,
+    TASK_ID_TAG,
+    WORKER_ID_TAG,
+    claim_tag,
+)
 from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.authority import (
     RUN_STARTABLE,
@@ -59,7 +67,6 @@ from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 
 logger = logging.getLogger(__name__)
 
-CLAIM_TAG = f"{TAG_PREFIX}claim"
 _CLAIM_EVENT = "Run task claimed by"
 _RECENT_TASKS = 10_000
 _CONTEXT: Any = TaskiqDepends()  # taskiq injects the message context here
@@ -120,16 +127,29 @@ class Worker:
         ) -> None:
             await self.execute(context.message.task_id, run_id, step_key, execute_step_args)
 
+        async def resume_run(run_id: str, attempt: str, context: Context = _CONTEXT) -> None:
+            await self.execute(context.message.task_id, run_id, None, None, resume=True)
+
         self.broker.register_task(execute_run, task_name=EXECUTE_RUN)
         self.broker.register_task(execute_step, task_name=EXECUTE_STEP)
+        self.broker.register_task(resume_run, task_name=RESUME_RUN)
 
     async def _storage_call(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
 
     async def execute(
-        self, task_id: str, run_id: str, step_key: str | None, execute_step_args: str | None
+        self,
+        task_id: str,
+        run_id: str,
+        step_key: str | None,
+        execute_step_args: str | None,
+        resume: bool = False,
     ) -> None:
-        """Run one task to its end, unless it is a duplicate or its run is no longer live."""
+        """Run one task to its end, unless it is a duplicate or its run is no longer live.
+
+        A resume task (run monitoring found the run's worker dead) starts a STARTED run again
+        with `dagster api resume_run`; a run task starts only a run that has not started.
+        """
         if task_id in self.broker.released:
             logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
             return
@@ -151,13 +171,18 @@ class Worker:
             )
             return
         if step_key is None:
-            if run.status not in RUN_STARTABLE or not await self._claim(run_id):
+            if resume and run.tags.get(TASK_ID_TAG) != task_id:
+                logger.info("Dropping task %s: a later resume of run %s was sent", task_id, run_id)
+                return
+            startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE
+            if run.status not in startable or not await self._claim(run_id, task_id):
                 logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
                 return
+            args_type = ResumeRunArgs if resume else ExecuteRunArgs
             argv = children.dagster_api_argv(
-                "execute_run",
+                "resume_run" if resume else "execute_run",
                 serialize_value(
-                    ExecuteRunArgs(
+                    args_type(
                         job_origin=run.job_code_origin,
                         run_id=run_id,
                         instance_ref=self.instance.get_ref(),
@@ -178,20 +203,23 @@ class Worker:
         while len(self._recent) > _RECENT_TASKS:
             self._recent.popitem(last=False)
 
-    async def _claim(self, run_id: str) -> bool:
+    async def _claim(self, run_id: str, task_id: str) -> bool:
         """Claim the run for this worker; of concurrent claims, the first in the event log wins.
 
         A tag written and read back is not enough: two workers that receive copies of the task
         at the same moment both write the tag and may each read back their own. The event log
-        orders entries by storage id, so every claimer agrees on which claim came first.
+        orders entries by storage id, so every claimer agrees on which claim came first. Each
+        resume attempt is a task of its own, with its own claim tag and event.
         """
         token = f"{self.worker_id}/{uuid.uuid4().hex}"
+        tag = claim_tag(run_id, task_id)
+        event = _CLAIM_EVENT if task_id == run_id else f"Task {task_id} claimed by"
 
         def claim() -> bool:
             run = self.instance.get_run_by_id(run_id)
-            if run is None or CLAIM_TAG in run.tags:
+            if run is None or tag in run.tags:
                 return False
-            self.instance.report_engine_event(f"{_CLAIM_EVENT} {token}.", run)
+            self.instance.report_engine_event(f"{event} {token}.", run)
             events = self.instance.get_records_for_run(
                 run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=True
             ).records
@@ -200,9 +228,9 @@ class Worker:
                 for record in events
                 if record.event_log_entry.dagster_event is not None
             ]
-            if token not in next(m for m in messages if m.startswith(_CLAIM_EVENT)):
+            if token not in next(m for m in messages if m.startswith(event)):
                 return False
-            self.instance.add_run_tags(run_id, {CLAIM_TAG: token, WORKER_ID_TAG: self.worker_id})
+            self.instance.add_run_tags(run_id, {tag: token, WORKER_ID_TAG: self.worker_id})
             return True
 
         return await self._storage_call(claim)

@@ -8,7 +8,7 @@ import time
 from benchmarks.cancel_latency import measure, start_workers, terminate
 from benchmarks.harness import Context
 from benchmarks.stats import Row, percentile
-from dagster_taskiq_cancel.worker.authority import run_statuses
+from dagster_taskiq_cancel.worker.authority import held_runs
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import Deployment
 
@@ -33,7 +33,7 @@ def cancel_latency(ctx: Context, workers: int) -> Row:
 
 
 def poll_cost(ctx: Context) -> list[Row]:
-    """Time ``run_statuses`` (the poll's one query) for 1, 10 and 100 held run ids."""
+    """Time ``held_runs`` (the poll's one query) for 1, 10 and 100 held run ids."""
     deployment = Deployment(ctx.scratch("poll-cost"), ctx.endpoint_url)
     try:
         run_ids = [deployment.create_run(sleepy_job).run_id for _ in range(max(HELD))]
@@ -42,7 +42,7 @@ def poll_cost(ctx: Context) -> list[Row]:
             samples = []
             for _ in range(ctx.size.poll_cost_repeats):
                 started = time.perf_counter()
-                statuses = run_statuses(deployment.instance, run_ids[:held])
+                statuses = held_runs(deployment.instance, run_ids[:held])
                 samples.append((time.perf_counter() - started) * 1000)
                 assert len(statuses) == held and all(statuses.values())
             rows.append(Row(SCENARIO, f"poll query, {held} held run(s) [ms]", samples))

@@ -20,6 +20,7 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
+from dagster_taskiq_cancel.messages import codec_for
 from dagster_taskiq_cancel.queues import (
     FIFO_SUFFIX,
     QueueNames,
@@ -28,7 +29,12 @@ from dagster_taskiq_cancel.queues import (
     describe_client_error,
 )
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import TASK_KWARGS, TASK_LABELS
+from dagster_taskiq_cancel.tasks import (
+    TASK_KWARGS,
+    TASK_LABELS,
+    expected_task_id,
+    task_signing_payload,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class CancellableSqsBroker(AsyncBroker):
         super().__init__()
         self.settings = settings
         self.names = QueueNames.from_setting(settings.queue_name)
+        self.codec = codec_for(settings)
         self._urls: dict[str, str] = {}
         self._client: Any = None
         self._stack = contextlib.AsyncExitStack()
@@ -183,6 +190,8 @@ class CancellableSqsBroker(AsyncBroker):
 
         Checked before a slot is used, so that bad input is logged with its SQS message id and
         deleted here instead of failing (or steering taskiq through labels) inside the Receiver.
+        Passing here only means well formed (and signed, with a key): the worker still runs
+        nothing the run storage does not name.
         """
         try:
             task_message = self.formatter.loads(body.encode())
@@ -196,9 +205,15 @@ class CancellableSqsBroker(AsyncBroker):
             return f"{name} takes only the keyword arguments {sorted(expected)}"
         if not all(isinstance(value, str) for value in kwargs.values()):
             return f"{name} takes only strings"
-        if not task_message.labels.keys() <= TASK_LABELS or task_message.labels_types:
-            return f"unexpected labels {sorted(task_message.labels)}"
-        return None
+        labels = task_message.labels
+        if not labels.keys() <= TASK_LABELS or task_message.labels_types:
+            return f"unexpected labels {sorted(labels)}"
+        if not all(isinstance(value, str) for value in labels.values()):
+            return "labels must be strings"
+        if task_message.task_id != expected_task_id(name, kwargs):
+            return f"task id {task_message.task_id!r} does not match its arguments"
+        payload = task_signing_payload(name, task_message.task_id, kwargs)
+        return self.codec.mac_error(payload, labels.get("mac"))
 
 
 class _Ack:

@@ -13,6 +13,7 @@ from dagster import DagsterInstance, DagsterRun
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
 from dagster_taskiq_cancel.tasks import (
+    RELEASED_TAG,
     RESUME_SENT_TAG,
     TAG_PREFIX,
     TASK_ID_TAG,
@@ -53,6 +54,12 @@ def worker_health(
     worker_id = run.tags.get(WORKER_ID_TAG)
     if worker_id is None:
         return CheckRunHealthResult(WorkerStatus.RUNNING, "no worker has claimed the run yet")
+    if run.tags.get(RELEASED_TAG) == worker_id:
+        return CheckRunHealthResult(
+            WorkerStatus.FAILED,
+            f"worker {worker_id} killed the run process: it had lost the run storage "
+            "(see the run's events)",
+        )
     last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
     age = time.time() - float(last) if last else None
     if age is None or age > timeout_seconds:

@@ -20,6 +20,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
 from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
+from dagster_taskiq_cancel.messages import codec_for
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, settings_from_env
 from dagster_taskiq_cancel.tasks import (
@@ -66,7 +67,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         return SyncQueues(self.settings)
 
     def launch_run(self, context: LaunchRunContext) -> None:
-        self._send(context.dagster_run, run_task_message(context.dagster_run.run_id), "run")
+        message = run_task_message(context.dagster_run.run_id, codec_for(self.settings))
+        self._send(context.dagster_run, message, "run")
 
     @property
     def supports_resume_run(self) -> bool:
@@ -79,7 +81,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         that takes it may claim the run although the lost worker had claimed it before.
         """
         run = context.dagster_run
-        message = resume_task_message(run.run_id, context.resume_attempt_number or 1)
+        attempt = context.resume_attempt_number or 1
+        message = resume_task_message(run.run_id, attempt, codec_for(self.settings))
         self._send(run, message, "resume of the run", {RESUME_SENT_TAG: repr(time.time())})
 
     def _send(

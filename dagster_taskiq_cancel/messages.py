@@ -93,6 +93,27 @@ class Codec:
         assert self._key is not None
         return hmac.new(self._key, _utf8(f"{ts!r}.{inner}"), hashlib.sha256).hexdigest()
 
+    def mac(self, payload: str) -> str | None:
+        """HMAC-SHA256 of ``payload`` (a task's name, id and arguments); None without a key."""
+        if self._key is None:
+            return None
+        return hmac.new(self._key, _utf8(payload), hashlib.sha256).hexdigest()
+
+    def mac_error(self, payload: str, mac: str | None) -> str | None:
+        """Why ``mac`` does not sign ``payload`` under the key, or None when it does (or no key).
+
+        Tasks are not checked for freshness: one may wait in a backlog for hours, and a replayed
+        task is dropped as a duplicate by its claim in the run storage.
+        """
+        expected = self.mac(payload)
+        if expected is None:
+            return None
+        if mac is None:
+            return "unsigned task rejected: a signing key is configured"
+        if not hmac.compare_digest(_utf8(mac), _utf8(expected)):
+            return "bad task signature"
+        return None
+
     def dumps(self, message: _Message) -> str:
         inner = message.to_json()
         if self._key is None:

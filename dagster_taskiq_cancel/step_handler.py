@@ -15,7 +15,6 @@ from dagster._core.executor.step_delegating import (
     StepHandler,
     StepHandlerContext,
 )
-from dagster._serdes import serialize_value
 
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
@@ -49,24 +48,30 @@ class TaskiqStepHandler(StepHandler):
     def __init__(self, settings: TaskiqCancelSettings) -> None:
         super().__init__()
         self.queues = SyncQueues(settings)
+        self.codec = codec_for(settings)
 
     @property
     def name(self) -> str:
         return "TaskiqStepHandler"
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
+        """Record the launch in the run's event log, then send the task that names it.
+
+        The event is written when it is built, before the send: the worker runs a step only
+        when this event names its task, so a task that nobody launched never runs.
+        """
         step_key = _step_key(step_handler_context)
-        args = step_handler_context.execute_step_args
-        message = step_task_message(
-            args.run_id, step_key, _attempt(step_handler_context, step_key), serialize_value(args)
-        )
+        run_id = step_handler_context.execute_step_args.run_id
+        attempt = _attempt(step_handler_context, step_key)
+        message = step_task_message(run_id, step_key, attempt, self.codec)
         queue = self.queues.names.main
-        self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
-        yield DagsterEvent.step_worker_starting(
+        event = DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(step_key),
             message=f"Sending step {step_key} to SQS queue {queue} as task {message.task_id}.",
             metadata={"queue": queue, "task_id": message.task_id},
         )
+        self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
+        yield event
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         """Always healthy: nothing here can see a step any better than the workers already do.

@@ -3,15 +3,22 @@
 Senders (launcher, step handler) live in synchronous Dagster code, so they build taskiq's wire
 format here with taskiq's own JSON formatter and send it with boto3; the worker registers the
 handlers under the same names.
+
+A task carries ids only, never code or Dagster arguments: anyone who can send to the queue can
+write one, so the worker rebuilds every argument of its ``dagster api`` child from the run
+storage and its own instance. With a signing key, each task also carries a ``mac`` label.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from taskiq import TaskiqMessage
 from taskiq.formatters.json_formatter import JSONFormatter
+
+from dagster_taskiq_cancel.messages import Codec
 
 EXECUTE_RUN = "dagster_taskiq_cancel.execute_run"
 EXECUTE_STEP = "dagster_taskiq_cancel.execute_step"
@@ -21,11 +28,11 @@ RESUME_RUN = "dagster_taskiq_cancel.resume_run"
 # them before a slot is used, and taskiq must not see labels it acts on (``ack_type``, ``timeout``).
 TASK_KWARGS: Mapping[str, frozenset[str]] = {
     EXECUTE_RUN: frozenset({"run_id"}),
-    EXECUTE_STEP: frozenset({"run_id", "step_key", "execute_step_args"}),
+    EXECUTE_STEP: frozenset({"run_id", "step_key", "attempt"}),
     RESUME_RUN: frozenset({"run_id", "attempt"}),
 }
 TASK_NAMES = frozenset(TASK_KWARGS)
-TASK_LABELS = frozenset({"run_id"})
+TASK_LABELS = frozenset({"run_id", "mac"})
 
 TAG_PREFIX = "dagster-taskiq/"
 TASK_ID_TAG = f"{TAG_PREFIX}task_id"
@@ -33,6 +40,7 @@ QUEUE_TAG = f"{TAG_PREFIX}queue"
 WORKER_ID_TAG = f"{TAG_PREFIX}worker_id"
 CLAIM_TAG = f"{TAG_PREFIX}claim"
 RESUME_SENT_TAG = f"{TAG_PREFIX}resume_sent_at"  # when the latest resume task was sent
+RELEASED_TAG = f"{TAG_PREFIX}released_by"  # a worker that killed its run process (fencing)
 
 _FORMATTER = JSONFormatter()
 
@@ -51,9 +59,9 @@ class TaskMessage:
     body: str
 
 
-def run_task_message(run_id: str) -> TaskMessage:
+def run_task_message(run_id: str, codec: Codec | None = None) -> TaskMessage:
     """The execute-run task for ``run_id`` (task id = run id)."""
-    return _message(run_id, EXECUTE_RUN, run_id, {"run_id": run_id})
+    return _message(run_id, EXECUTE_RUN, run_id, {"run_id": run_id}, codec)
 
 
 def resume_task_id(run_id: str, attempt: int) -> str:
@@ -66,27 +74,55 @@ def claim_tag(run_id: str, task_id: str) -> str:
     return CLAIM_TAG if task_id == run_id else f"{CLAIM_TAG}/{task_id}"
 
 
-def resume_task_message(run_id: str, attempt: int) -> TaskMessage:
+def resume_task_message(run_id: str, attempt: int, codec: Codec | None = None) -> TaskMessage:
     """The resume-run task for attempt ``attempt`` (1, 2, ...) of run monitoring."""
     kwargs = {"run_id": run_id, "attempt": str(attempt)}
-    return _message(resume_task_id(run_id, attempt), RESUME_RUN, run_id, kwargs)
+    return _message(resume_task_id(run_id, attempt), RESUME_RUN, run_id, kwargs, codec)
 
 
 def step_task_message(
-    run_id: str, step_key: str, attempt: int, execute_step_args: str
+    run_id: str, step_key: str, attempt: int, codec: Codec | None = None
 ) -> TaskMessage:
-    """The execute-step task; ``execute_step_args`` is Dagster's serialized ExecuteStepArgs."""
+    """The execute-step task for retry attempt ``attempt`` (0, 1, ...) of one step."""
+    kwargs = {"run_id": run_id, "step_key": step_key, "attempt": str(attempt)}
     task_id = step_task_id(run_id, step_key, attempt)
-    kwargs = {"run_id": run_id, "step_key": step_key, "execute_step_args": execute_step_args}
-    return _message(task_id, EXECUTE_STEP, run_id, kwargs)
+    return _message(task_id, EXECUTE_STEP, run_id, kwargs, codec)
 
 
-def _message(task_id: str, task_name: str, run_id: str, kwargs: dict[str, str]) -> TaskMessage:
+def expected_task_id(task_name: str, kwargs: Mapping[str, str]) -> str | None:
+    """The only id a task with these arguments may have (None: the arguments are invalid).
+
+    Ids are derived from the arguments, so a message cannot pair one task's id (and its claim)
+    with another task's arguments.
+    """
+    run_id = kwargs["run_id"]
+    if task_name == EXECUTE_RUN:
+        return run_id
+    attempt = kwargs["attempt"]
+    if not attempt.isascii() or not attempt.isdigit() or attempt != str(int(attempt)):
+        return None  # one spelling per attempt: "07" would be a second id for attempt 7
+    if task_name == RESUME_RUN:
+        return resume_task_id(run_id, int(attempt)) if int(attempt) >= 1 else None
+    return step_task_id(run_id, kwargs["step_key"], int(attempt))
+
+
+def task_signing_payload(task_name: str, task_id: str, kwargs: Mapping[str, str]) -> str:
+    """What a task's ``mac`` label signs: its name, id and arguments, canonically encoded."""
+    return json.dumps([task_name, task_id, dict(sorted(kwargs.items()))], separators=(",", ":"))
+
+
+def _message(
+    task_id: str, task_name: str, run_id: str, kwargs: dict[str, str], codec: Codec | None
+) -> TaskMessage:
+    labels = {"run_id": run_id}
+    mac = codec.mac(task_signing_payload(task_name, task_id, kwargs)) if codec else None
+    if mac is not None:
+        labels["mac"] = mac
     broker_message = _FORMATTER.dumps(
         TaskiqMessage(
             task_id=task_id,
             task_name=task_name,
-            labels={"run_id": run_id},
+            labels=labels,
             args=[],
             kwargs=kwargs,
         )

@@ -30,7 +30,7 @@ from dagster._core.utils import make_new_run_id
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import run_task_message
+from dagster_taskiq_cancel.tasks import TASK_ID_TAG, run_task_message
 
 T = TypeVar("T")
 
@@ -284,6 +284,7 @@ def create_pending_runs(
     for run in starting:
         event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
         deployment.instance.report_dagster_event(event, run.run_id)
+        deployment.instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
     messages = [run_task_message(run.run_id) for run in starting]
     failures = deployment.queues.send_batch(
         deployment.queues.names.main, [(m.body, m.task_id, m.task_id) for m in messages]

@@ -30,6 +30,7 @@ from dagster_taskiq_cancel.tasks import (
     EXECUTE_RUN,
     TASK_KWARGS,
     TASK_NAMES,
+    resume_task_message,
     run_task_message,
     step_task_message,
 )
@@ -195,7 +196,7 @@ TASK_DICTS = st.fixed_dictionaries(
 ).map(_dumps)
 
 
-STEP_TASK = json.loads(step_task_message("r", "s", 0, "a").body)
+STEP_TASK = json.loads(step_task_message("r", "s", 0).body)
 
 
 @PROPERTY
@@ -212,11 +213,39 @@ def test_main_queue_body_is_one_of_our_tasks_or_gets_a_reason(body: str | bytes)
     assert all(isinstance(v, str) for v in message.kwargs.values())
 
 
+SIGNED_BROKER = CancellableSqsBroker(TaskiqCancelSettings(queue_name="p", signing_key="k"))
+
+
 @PROPERTY
-@given(run_id=st.text(min_size=1), step_key=st.text(), args=st.text())
-def test_every_task_we_send_is_accepted(run_id: str, step_key: str, args: str) -> None:
-    assert BROKER.reject_reason(run_task_message(run_id).body) is None
-    assert BROKER.reject_reason(step_task_message(run_id, step_key, 0, args).body) is None
+@given(
+    run_id=st.text(min_size=1),
+    step_key=st.text(),
+    attempt=st.integers(0, 999),
+    other=st.text(min_size=1),
+)
+def test_a_task_is_accepted_only_as_sent(
+    run_id: str, step_key: str, attempt: int, other: str
+) -> None:
+    """What we send passes; the same body with any argument changed (its id no longer
+    matching), or unsigned or signed with another key where a key is set, does not."""
+    codec = SIGNED_BROKER.codec
+    for broker, sent in ((BROKER, None), (SIGNED_BROKER, codec)):
+        messages = [
+            run_task_message(run_id, sent),
+            step_task_message(run_id, step_key, attempt, sent),
+            resume_task_message(run_id, attempt + 1, sent),
+        ]
+        for message in messages:
+            assert broker.reject_reason(message.body) is None
+            body = json.loads(message.body)
+            for name, value in body["kwargs"].items():
+                if value != other:
+                    changed = {**body, "kwargs": {**body["kwargs"], name: other}}
+                    assert broker.reject_reason(json.dumps(changed)) is not None
+    unsigned = step_task_message(run_id, step_key, attempt).body
+    assert SIGNED_BROKER.reject_reason(unsigned) is not None
+    wrong_key = step_task_message(run_id, step_key, attempt, Codec("other")).body
+    assert SIGNED_BROKER.reject_reason(wrong_key) is not None
 
 
 def _task_body(**overrides: Any) -> str:

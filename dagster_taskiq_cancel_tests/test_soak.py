@@ -97,14 +97,14 @@ def kill_worker(deployment: Deployment, soak: Soak, index: int) -> set[str]:
     victim = deployment.workers[index]
     victim.kill()
     victim.wait(30)
-    worker_id = f"{socket.gethostname()}:{victim.pid}"
+    worker_id = f"{socket.gethostname()}:{victim.pid}:"  # then the per-boot part
     log = deployment.worker_log(index)
     received = set(RECEIVED.findall(log)) - set(SET_ASIDE.findall(log))
     lost = set()
     for run_id in soak.run_ids:
         run = deployment.instance.get_run_by_id(run_id)
         assert run is not None
-        held = run.tags.get(WORKER_ID_TAG) == worker_id
+        held = run.tags.get(WORKER_ID_TAG, "").startswith(worker_id)
         unclaimed = run_id in received and WORKER_ID_TAG not in run.tags
         if (held or unclaimed) and run.status not in TERMINAL:
             lost.add(run_id)

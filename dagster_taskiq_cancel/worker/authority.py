@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 
 CANCELLED: frozenset[DagsterRunStatus] = frozenset(
     {DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED}
@@ -30,13 +30,13 @@ RUN_STARTABLE: frozenset[DagsterRunStatus] = frozenset(
 _CANCEL_EVENTS = {DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_CANCELED}
 
 
-def run_statuses(
+def held_runs(
     instance: DagsterInstance, run_ids: Collection[str]
-) -> Mapping[str, DagsterRunStatus | None]:
-    """Status of every run in ``run_ids`` in one query; None for a run that no longer exists."""
+) -> Mapping[str, DagsterRun | None]:
+    """Every run in ``run_ids`` in one query; None for a run that no longer exists."""
     if not run_ids:
         return {}
-    found = {run.run_id: run.status for run in instance.get_runs(RunsFilter(run_ids=list(run_ids)))}
+    found = {run.run_id: run for run in instance.get_runs(RunsFilter(run_ids=list(run_ids)))}
     return {run_id: found.get(run_id) for run_id in run_ids}
 
 

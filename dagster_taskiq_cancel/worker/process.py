@@ -1,4 +1,4 @@
-"""One worker process's life: start-up checks, the three loops, and a drain on SIGTERM/SIGINT."""
+"""One worker process's life: start-up checks, the four loops, and a drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ async def _serve(worker: Worker) -> None:
     loops = {
         receiving: "main-queue receiver",
         asyncio.create_task(worker.poll_loop()): "run storage poll",
+        asyncio.create_task(worker.heartbeat_loop()): "heartbeat loop",
         asyncio.create_task(worker.cancel_loop()): "cancel loop",
     }
     logger.info(

@@ -1,11 +1,14 @@
 """The worker: runs Dagster work in child processes and stops it when its run is no longer live.
 
-Three loops share one event loop:
+Four loops share one event loop:
 
 - taskiq's Receiver takes tasks from the main queue, one per free slot, and calls ``execute``;
 - ``poll_loop`` asks the run storage about every held run every ``poll_interval_seconds``
   (or at once when woken) and stops the children of cancelled runs (see ``authority``);
+- ``heartbeat_loop`` writes the worker's heartbeat, and kills its work if it cannot (fencing);
 - ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills.
+
+A task names ids only; the child's arguments come from the run storage (``step_args``).
 """
 
 from __future__ import annotations
@@ -14,23 +17,27 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus
-from dagster._core.events import EngineEventData
-from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs
-from dagster._serdes import deserialize_value, serialize_value
+from dagster._core.events import DagsterEvent, EngineEventData, StepFailureData
+from dagster._core.execution.plan.handle import StepHandle
+from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
+from dagster._serdes import serialize_value
+from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
 from dagster_taskiq_cancel import heartbeats
@@ -48,6 +55,7 @@ from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import (
     EXECUTE_RUN,
     EXECUTE_STEP,
+    RELEASED_TAG,
     RESUME_RUN,
     TAG_PREFIX,
     TASK_ID_TAG,
@@ -59,16 +67,20 @@ from dagster_taskiq_cancel.worker.authority import (
     RUN_STARTABLE,
     cancel_recorded,
     has_ended,
+    held_runs,
     is_cancelled,
     run_started,
-    run_statuses,
 )
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
+from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
 logger = logging.getLogger(__name__)
 
 _CLAIM_EVENT = "Run task claimed by"
 _RECENT_TASKS = 10_000
+# Stop times from tags and requests are clamped: an infinite or huge value would mean a stop
+# that never reaches SIGKILL.
+MAX_STOP_SECONDS = 3600.0
 _CONTEXT: Any = TaskiqDepends()  # taskiq injects the message context here
 
 
@@ -89,6 +101,8 @@ class HeldTask:
     before_start: bool = False  # killed before Dagster started the run: none of it ran
     start_checked: bool = False  # run task: event log checked for a cancel RUN_START overwrote
     ended_since: float | None = None  # when the run was first seen ended while this still ran
+    superseded: bool = False  # killed because another worker may run it now (fencing)
+    fenced_because: str = ""
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -104,7 +118,10 @@ class Worker:
         self.settings = settings
         self.instance = instance
         self.broker = broker or CancellableSqsBroker(settings)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # Per boot: a restarted worker (PID 1 again in a container) must not beat under the
+        # id of the one that died, or the dead one's runs would look alive forever.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.last_beat = time.monotonic()  # of the last heartbeat written (start: none due yet)
         self.held: dict[str, HeldTask] = {}
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending_requests: dict[str, CancelRequest] = {}
@@ -120,35 +137,43 @@ class Worker:
 
     def _register_tasks(self) -> None:
         async def execute_run(run_id: str, context: Context = _CONTEXT) -> None:
-            await self.execute(context.message.task_id, run_id, None, None)
+            await self.execute(context.message.task_id, run_id, None, 0)
 
         async def execute_step(
-            run_id: str, step_key: str, execute_step_args: str, context: Context = _CONTEXT
+            run_id: str, step_key: str, attempt: str, context: Context = _CONTEXT
         ) -> None:
-            await self.execute(context.message.task_id, run_id, step_key, execute_step_args)
+            await self.execute(context.message.task_id, run_id, step_key, int(attempt))
 
         async def resume_run(run_id: str, attempt: str, context: Context = _CONTEXT) -> None:
-            await self.execute(context.message.task_id, run_id, None, None, resume=True)
+            await self.execute(context.message.task_id, run_id, None, int(attempt), resume=True)
 
         self.broker.register_task(execute_run, task_name=EXECUTE_RUN)
         self.broker.register_task(execute_step, task_name=EXECUTE_STEP)
         self.broker.register_task(resume_run, task_name=RESUME_RUN)
 
     async def _storage_call(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
+        """``fn(*args)`` on the storage thread, given up on after the storage timeout.
+
+        A hung storage call must not hang the loop that made it; the thread itself cannot be
+        interrupted, so later calls queue behind it, and the heartbeat loop fences the work.
+        """
+        future = asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
+        return await asyncio.wait_for(future, self.settings.heartbeat_timeout_seconds / 2)
 
     async def execute(
         self,
         task_id: str,
         run_id: str,
         step_key: str | None,
-        execute_step_args: str | None,
+        attempt: int,
         resume: bool = False,
     ) -> None:
         """Run one task to its end, unless it is a duplicate or its run is no longer live.
 
         A resume task (run monitoring found the run's worker dead) starts a STARTED run again
-        with `dagster api resume_run`; a run task starts only a run that has not started.
+        with `dagster api resume_run`; a run task starts only a run that has not started. The
+        message was deleted on receipt, so a failure before the child starts is recorded in the
+        run (``_record_failed_start``) rather than left for a timeout.
         """
         if task_id in self.broker.released:
             logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
@@ -157,96 +182,179 @@ class Worker:
             logger.info("Dropping duplicate delivery of task %s", task_id)
             return
         self._remember(task_id)
-        run = await self._storage_call(self.instance.get_run_by_id, run_id)
+        try:
+            prepared = await self._storage_call(
+                self._prepare, task_id, run_id, step_key, attempt, resume
+            )
+            if isinstance(prepared, DagsterRunStatus):
+                await self._ack(run_id, step_key, task_id, "skipped", f"run was {prepared.value}")
+                return
+            if prepared is None:
+                return
+            run, argv, env = prepared
+            process = await children.spawn(argv, env)
+        except Exception:
+            error = serializable_error_info_from_exc_info(sys.exc_info())
+            logger.exception("Could not start task %s of run %s", task_id, run_id)
+            message = f"Worker {self.worker_id} could not start the task: {error.message.strip()}"
+            with contextlib.suppress(Exception):
+                await self._storage_call(self._fail_task, run_id, step_key, message, error)
+            return
+        cancel_file = Path(env[CANCEL_FILE_ENV])
+        held = HeldTask(task_id, run_id, step_key, process, run.tags, cancel_file)
+        await self._run_child(held)
+
+    def _prepare(
+        self, task_id: str, run_id: str, step_key: str | None, attempt: int, resume: bool
+    ) -> tuple[DagsterRun, list[str], dict[str, str]] | DagsterRunStatus | None:
+        """The run and the child's argv and env; else the status of a cancelled run (to ack as
+        skipped) or None, when the task must not run.
+
+        Every argument comes from the run storage and this worker's instance: the task named
+        only ids, and a step runs only if its run's executor recorded launching this very task.
+        """
+        run = self.instance.get_run_by_id(run_id)
         if run is None:
             logger.warning("Dropping task %s: run %s does not exist", task_id, run_id)
-            return
+            return None
         if is_cancelled(run.status):
             logger.info("Skipping task %s: run %s is %s", task_id, run_id, run.status.value)
-            await self._ack(run_id, step_key, task_id, "skipped", f"run was {run.status.value}")
-            return
+            return run.status
         if has_ended(run.status):
             logger.info(
                 "Dropping task %s: run %s already ended %s", task_id, run_id, run.status.value
             )
+            return None
+        if step_key is not None:
+            if run.status != DagsterRunStatus.STARTED or not was_launched(
+                self.instance, run_id, step_key, task_id
+            ):
+                logger.warning(
+                    "Dropping task %s: run %s (%s) has no record of launching it",
+                    task_id,
+                    run_id,
+                    run.status.value,
+                )
+                return None
+            if not self._claim(run_id, task_id):
+                logger.info("Dropping task %s: another worker claimed it", task_id)
+                return None
+            args = step_args(self.instance, run, step_key, attempt)
+            # Dagster's own way to pass them: an env var (the k8s shape), not the command line.
+            env = {e["name"]: e["value"] for e in args.get_command_env()}
+            return run, children.dagster_api_argv("execute_step"), self._env(env)
+        if run.tags.get(TASK_ID_TAG) != task_id:
+            logger.warning(
+                "Dropping task %s: run %s was not sent as this task (%s)",
+                task_id,
+                run_id,
+                run.tags.get(TASK_ID_TAG),
+            )
+            return None
+        startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE
+        if run.status not in startable or not self._claim(run_id, task_id):
+            logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
+            return None
+        args_type = ResumeRunArgs if resume else ExecuteRunArgs
+        run_args = args_type(
+            job_origin=run.job_code_origin,  # type: ignore[arg-type]
+            run_id=run_id,
+            instance_ref=self.instance.get_ref(),
+            set_exit_code_on_failure=True,
+        )
+        command = "resume_run" if resume else "execute_run"
+        return run, children.dagster_api_argv(command, serialize_value(run_args)), self._env({})
+
+    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        """The worker's environment for a child, with its own cancel deadline file."""
+        cancel_file = self._cancel_dir / f"{uuid.uuid4().hex}.deadline"
+        return {**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)}
+
+    def _fail_task(
+        self,
+        run_id: str,
+        step_key: str | None,
+        message: str,
+        error: SerializableErrorInfo | None = None,
+    ) -> None:
+        """Fail work this worker took and will not finish: nobody else would (its message is
+        deleted). A run fails; a step gets a STEP_FAILURE, which its run's executor handles as
+        any step failure (a retry if the op has a policy)."""
+        run = self.instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
             return
         if step_key is None:
-            if resume and run.tags.get(TASK_ID_TAG) != task_id:
-                logger.info("Dropping task %s: a later resume of run %s was sent", task_id, run_id)
-                return
-            startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE
-            if run.status not in startable or not await self._claim(run_id, task_id):
-                logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
-                return
-            args_type = ResumeRunArgs if resume else ExecuteRunArgs
-            argv = children.dagster_api_argv(
-                "resume_run" if resume else "execute_run",
-                serialize_value(
-                    args_type(
-                        job_origin=run.job_code_origin,
-                        run_id=run_id,
-                        instance_ref=self.instance.get_ref(),
-                        set_exit_code_on_failure=True,
-                    )
-                ),
-            )
-            env: Mapping[str, str] = os.environ
-        else:
-            step_args = deserialize_value(execute_step_args or "", ExecuteStepArgs)
-            argv = children.dagster_api_argv("execute_step")
-            # Dagster gives the env as [{name, value}] (the k8s shape), not a mapping.
-            env = {**os.environ, **{e["name"]: e["value"] for e in step_args.get_command_env()}}
-        await self._run_child(task_id, run_id, step_key, run.tags, argv, env)
+            self.instance.report_run_failed(run, message)
+            return
+        failure = StepFailureData(
+            error=error or SerializableErrorInfo(message, [], "WorkerStoppedStep"),
+            user_failure_data=None,
+        )
+        event = DagsterEvent(
+            DagsterEventType.STEP_FAILURE.value,
+            job_name=run.job_name,
+            step_handle=StepHandle.parse_from_key(step_key),
+            message=message,
+            event_specific_data=failure,
+        )
+        self.instance.report_dagster_event(event, run_id)
+
+    def _record_fence(self, held: HeldTask) -> None:
+        """Say in the run why its task was killed, and hand the work on.
+
+        A run resumed elsewhere is left to its new holder. A run nobody resumed yet is marked
+        released, so that run monitoring sees it lost (``worker_health``) and resumes or fails
+        it; a step is failed, so that its run's executor moves on.
+        """
+        run = self.instance.get_run_by_id(held.run_id)
+        if run is None or run.is_finished:
+            return
+        message = f"Worker {self.worker_id} killed task {held.task_id}: {held.fenced_because}."
+        if held.step_key is not None:
+            self._fail_task(held.run_id, held.step_key, message)
+            return
+        self.instance.report_engine_event(message, run)
+        if run.tags.get(TASK_ID_TAG) == held.task_id:
+            self.instance.add_run_tags(held.run_id, {RELEASED_TAG: self.worker_id})
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None
         while len(self._recent) > _RECENT_TASKS:
             self._recent.popitem(last=False)
 
-    async def _claim(self, run_id: str, task_id: str) -> bool:
-        """Claim the run for this worker; of concurrent claims, the first in the event log wins.
+    def _claim(self, run_id: str, task_id: str) -> bool:
+        """Claim a task for this worker; of concurrent claims, the first in the event log wins.
 
         A tag written and read back is not enough: two workers that receive copies of the task
         at the same moment both write the tag and may each read back their own. The event log
         orders entries by storage id, so every claimer agrees on which claim came first. Each
-        resume attempt is a task of its own, with its own claim tag and event.
+        resume attempt and each step attempt is a task of its own, with its own claim; only a
+        run or resume claim makes this worker the run's holder (``WORKER_ID_TAG``).
         """
         token = f"{self.worker_id}/{uuid.uuid4().hex}"
         tag = claim_tag(run_id, task_id)
         event = _CLAIM_EVENT if task_id == run_id else f"Task {task_id} claimed by"
+        run = self.instance.get_run_by_id(run_id)
+        if run is None or tag in run.tags:
+            return False
+        self.instance.report_engine_event(f"{event} {token}.", run)
+        events = self.instance.get_records_for_run(
+            run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=True
+        ).records
+        messages = (
+            record.event_log_entry.dagster_event.message or ""
+            for record in events
+            if record.event_log_entry.dagster_event is not None
+        )
+        # A default, not StopIteration: raised in the storage thread, it would hang the await.
+        if token not in next((m for m in messages if m.startswith(f"{event} ")), ""):
+            return False
+        holder = {} if run.tags.get(TASK_ID_TAG) != task_id else {WORKER_ID_TAG: self.worker_id}
+        self.instance.add_run_tags(run_id, {tag: token, **holder})
+        return True
 
-        def claim() -> bool:
-            run = self.instance.get_run_by_id(run_id)
-            if run is None or tag in run.tags:
-                return False
-            self.instance.report_engine_event(f"{event} {token}.", run)
-            events = self.instance.get_records_for_run(
-                run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=True
-            ).records
-            messages = [
-                record.event_log_entry.dagster_event.message or ""
-                for record in events
-                if record.event_log_entry.dagster_event is not None
-            ]
-            if token not in next(m for m in messages if m.startswith(event)):
-                return False
-            self.instance.add_run_tags(run_id, {tag: token, WORKER_ID_TAG: self.worker_id})
-            return True
-
-        return await self._storage_call(claim)
-
-    async def _run_child(
-        self,
-        task_id: str,
-        run_id: str,
-        step_key: str | None,
-        tags: Mapping[str, str],
-        argv: Sequence[str],
-        env: Mapping[str, str],
-    ) -> None:
-        cancel_file = self._cancel_dir / f"{uuid.uuid4().hex}.deadline"
-        process = await children.spawn(argv, {**env, CANCEL_FILE_ENV: str(cancel_file)})
-        held = HeldTask(task_id, run_id, step_key, process, tags, cancel_file)
+    async def _run_child(self, held: HeldTask) -> None:
+        task_id, run_id, step_key, process = held.task_id, held.run_id, held.step_key, held.process
         self.held[task_id] = held
         logger.info("Started task %s (run %s) as pid %s", task_id, run_id, process.pid)
         # A cancel may have landed between the start check and the spawn: look again now.
@@ -261,19 +369,24 @@ class Worker:
             held.exited.set()
             self.held.pop(task_id, None)
             children.kill_group(process.pid)
-            cancel_file.unlink(missing_ok=True)
+            held.cancel_file.unlink(missing_ok=True)
             if all(h.run_id != run_id for h in self.held.values()):
                 self._pending_requests.pop(run_id, None)
         logger.info("Task %s ended with exit code %s", task_id, returncode)
-        cleanup = await self._storage_call(self._settle, held, returncode)
-        if not held.cancel:
+        try:
+            cleanup = await self._storage_call(self._settle, held, returncode)
+        except Exception:
+            # The run storage decides the run's status anyway; the ack must still go out.
+            logger.exception("Could not settle the run of task %s", task_id)
+            cleanup = False
+        if not held.cancel or held.superseded:
             return  # finished on its own, or stopped by a drain: no ack, and never a cleanup
         outcome: Outcome = "killed" if held.killed else "cancelled"
         detail = f"exit code {returncode}"
         if held.before_start:
             detail = "stopped before Dagster started the run; none of it ran"
         if cleanup:
-            context = CleanupContext(run_id, step_key, outcome, 0, dict(tags))
+            context = CleanupContext(run_id, step_key, outcome, 0, dict(held.tags))
             error = await run_cleanup(context, os.environ)
             if error is not None:
                 outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
@@ -309,14 +422,27 @@ class Worker:
 
         A run task whose run holds a cancel is a cancel, even if the child exited by itself (it
         read CANCELING at start) or Dagster's RUN_START overwrote the cancel: CANCELING is made
-        the status again so that the sensor ends the run CANCELED. A run process that died
-        without ending a run nobody cancelled (OOM kill, crash) fails the run.
+        the status again so that the sensor ends the run CANCELED. A run process that failed the
+        run after a cancel (the interrupt landed in a resume's start-up, or a start race) ends
+        it CANCELED, as asked. A run process that died without ending a run nobody cancelled
+        (OOM kill, crash) fails the run. A superseded task (fenced off) leaves the run alone.
         """
+        if held.superseded:
+            self._record_fence(held)
+            return False
         run = self.instance.get_run_by_id(held.run_id)
         if run is None or held.step_key is not None:
             return held.cancel and held.stop_started_at is not None and not held.before_start
-        if not held.cancel and not run.is_finished:
+        if not held.cancel and run.status != DagsterRunStatus.SUCCESS:
             held.cancel = is_cancelled(run.status) or cancel_recorded(self.instance, run.run_id)
+        if held.cancel and run.status == DagsterRunStatus.FAILURE:
+            self.instance.report_run_canceled(
+                run,
+                message=(
+                    f"Worker {self.worker_id}: the run process failed the run after its cancel "
+                    "interrupted it; recording CANCELED, as the cancel asked."
+                ),
+            )
         if not held.cancel:
             if not run.is_finished:
                 self.instance.report_run_failed(
@@ -368,15 +494,9 @@ class Worker:
     # --- stopping ------------------------------------------------------------------------------
 
     async def poll_loop(self) -> None:
-        """Ask the run storage about held runs every poll interval, or at once when woken;
-        write this worker's heartbeat every sixth of the heartbeat timeout."""
-        beat_every = self.settings.heartbeat_timeout_seconds / 6
-        last_beat = 0.0
+        """Ask the run storage about held runs every poll interval, or at once when woken."""
         while True:
             try:
-                if time.monotonic() - last_beat >= beat_every:
-                    await self._storage_call(heartbeats.beat, self.instance, self.worker_id)
-                    last_beat = time.monotonic()
                 await self.check_held()
             except Exception:
                 logger.exception("Run storage check failed; trying again next interval")
@@ -384,16 +504,50 @@ class Worker:
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
             self._wake.clear()
 
+    async def heartbeat_loop(self) -> None:
+        """Beat every sixth of the heartbeat timeout, apart from the poll: a failing write must
+        not stop the cancel checks, nor a slow check the beats.
+
+        Fencing: a worker that has not beaten for two thirds of the timeout may soon be taken
+        for dead, and its runs resumed elsewhere; it kills its work first, so that nothing runs
+        twice, and says so in each run once the storage answers (``_settle``).
+        """
+        timeout = self.settings.heartbeat_timeout_seconds
+        while True:
+            try:
+                await self._storage_call(heartbeats.beat, self.instance, self.worker_id)
+                self.last_beat = time.monotonic()
+            except Exception as exc:
+                silent = time.monotonic() - self.last_beat
+                logger.warning("Could not write the heartbeat (%.0fs without): %r", silent, exc)
+                if silent >= timeout * 2 / 3:
+                    self._fence(f"it could not write its heartbeat for {silent:.0f}s")
+            await asyncio.sleep(timeout / 6)
+
+    def _fence(self, why: str, only: HeldTask | None = None) -> None:
+        """SIGKILL held work that another worker may be running now: no interrupt, as Dagster's
+        run process would write the run's failure into a run that lives on elsewhere."""
+        for held in [only] if only else list(self.held.values()):
+            if held.superseded:
+                continue
+            logger.critical("Killing task %s of run %s: %s", held.task_id, held.run_id, why)
+            held.superseded = held.killed = True
+            held.fenced_because = why
+            children.kill_group(held.process.pid)
+
     async def check_held(self) -> None:
-        """One batched status query for every held run; then act on what the authority says."""
+        """One batched query for every held run; then act on what the authority says."""
         waiting = [h for h in self.held.values() if h.stop_started_at is None]
         if not waiting:
             return
-        statuses = await self._storage_call(
-            run_statuses, self.instance, {h.run_id for h in waiting}
-        )
+        runs = await self._storage_call(held_runs, self.instance, {h.run_id for h in waiting})
         for held in waiting:
-            status = statuses.get(held.run_id)
+            run = runs.get(held.run_id)
+            status = run.status if run else None
+            sent = run.tags.get(TASK_ID_TAG) if run else None
+            if held.step_key is None and sent is not None and sent != held.task_id:
+                self._fence(f"the run was sent again as task {sent} (a resume)", held)
+                continue
             first_seen_started = (
                 held.step_key is None
                 and status == DagsterRunStatus.STARTED
@@ -459,9 +613,13 @@ class Worker:
             notice,
             grace,
         )
-        if held.cancel:
-            announce(held.cancel_file, held.stop_started_at + notice)
+        # The interrupt first: announcing may fail (a full disk), and must not lose the stop.
         asyncio.get_running_loop().create_task(self._interrupt(held, notice, grace))
+        if held.cancel:
+            try:
+                announce(held.cancel_file, held.stop_started_at + notice)
+            except OSError as exc:
+                logger.warning("Could not write the cancel deadline of %s: %s", held.task_id, exc)
 
     def _timing(self, held: HeldTask, name: str) -> float:
         """A signed cancel request's value, else the run tag's, else the setting.
@@ -472,13 +630,16 @@ class Worker:
         trusted = held.request if held.request and self.codec.signed else None
         requested = getattr(trusted, name, None)
         if requested is not None:
-            return float(requested)
+            return min(float(requested), MAX_STOP_SECONDS)
         tag = held.tags.get(f"{TAG_PREFIX}{name}")
         if tag is not None:
             try:
-                return max(0.0, float(tag))
+                value = float(tag)
             except ValueError:
-                logger.warning("Ignoring run tag %s%s=%r: not a number", TAG_PREFIX, name, tag)
+                value = math.nan
+            if math.isfinite(value):
+                return min(max(0.0, value), MAX_STOP_SECONDS)
+            logger.warning("Ignoring run tag %s%s=%r: not a finite number", TAG_PREFIX, name, tag)
         return float(getattr(self.settings, name))
 
     async def _interrupt(self, held: HeldTask, notice: float, grace: float) -> None:

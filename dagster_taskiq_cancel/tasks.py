@@ -99,7 +99,9 @@ def expected_task_id(task_name: str, kwargs: Mapping[str, str]) -> str | None:
     if task_name == EXECUTE_RUN:
         return run_id
     attempt = kwargs["attempt"]
-    if not attempt.isascii() or not attempt.isdigit() or attempt != str(int(attempt)):
+    if not (attempt.isascii() and attempt.isdigit() and len(attempt) <= 6):
+        return None
+    if attempt != str(int(attempt)):
         return None  # one spelling per attempt: "07" would be a second id for attempt 7
     if task_name == RESUME_RUN:
         return resume_task_id(run_id, int(attempt)) if int(attempt) >= 1 else None

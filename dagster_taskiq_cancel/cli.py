@@ -17,7 +17,11 @@ from typing import Any
 
 import click
 from dagster import DagsterInstance, DagsterRunStatus
-from dagster._core.errors import DagsterHomeNotSetError, DagsterInvariantViolationError
+from dagster._core.errors import (
+    DagsterHomeNotSetError,
+    DagsterInvalidConfigError,
+    DagsterInvariantViolationError,
+)
 
 from dagster_taskiq_cancel.bulk import (
     DEFAULT_STATUSES,
@@ -60,8 +64,17 @@ def load_instance() -> DagsterInstance:
         return DagsterInstance.get()
     except DagsterHomeNotSetError:
         raise click.ClickException(NO_HOME) from None
-    except DagsterInvariantViolationError as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+    except (DagsterInvariantViolationError, DagsterInvalidConfigError) as exc:
+        raise unusable_home(exc) from None
+
+
+def unusable_home(exc: Exception) -> click.ClickException:
+    """DAGSTER_HOME is set but its dagster.yaml cannot be read: Dagster's first lines, on one."""
+    if isinstance(exc, DagsterInvalidConfigError):
+        return click.ClickException(
+            f"{exc.message.splitlines()[0]} {'; '.join(exc.error_messages)}"
+        )
+    return click.ClickException(str(exc).splitlines()[0])
 
 
 def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
@@ -69,8 +82,8 @@ def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
         return fn(SyncQueues(current_settings(overrides)))
     except (SettingsError, SqsError) as exc:
         raise click.ClickException(str(exc)) from None
-    except DagsterInvariantViolationError as exc:  # DAGSTER_HOME set but not usable
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+    except (DagsterInvariantViolationError, DagsterInvalidConfigError) as exc:
+        raise unusable_home(exc) from None  # DAGSTER_HOME set but not usable
 
 
 @click.group()

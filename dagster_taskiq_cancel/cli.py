@@ -43,6 +43,10 @@ NO_HOME = (
     "DAGSTER_HOME is not set: set it to the folder with the dagster.yaml your webserver and "
     "daemon use (the workers must share their run storage), e.g. DAGSTER_HOME=/srv/dagster"
 )
+CANCEL_NO_HOME = (
+    "DAGSTER_HOME is not set: `cancel` needs it pointing at the instance your runs live in (the "
+    "folder with the dagster.yaml your webserver and daemon use), e.g. DAGSTER_HOME=/srv/dagster"
+)
 
 
 def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -58,12 +62,12 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def load_instance() -> DagsterInstance:
-    """The ``DAGSTER_HOME`` instance, or a one-line error that says what to set."""
+def load_instance(no_home: str = NO_HOME) -> DagsterInstance:
+    """The ``DAGSTER_HOME`` instance, or a one-line error (``no_home`` when unset)."""
     try:
         return DagsterInstance.get()
     except DagsterHomeNotSetError:
-        raise click.ClickException(NO_HOME) from None
+        raise click.ClickException(no_home) from None
     except (DagsterInvariantViolationError, DagsterInvalidConfigError) as exc:
         raise unusable_home(exc) from None
 
@@ -229,7 +233,7 @@ def cancel(
     yes: bool,
 ) -> None:
     """Cancel many runs at once, selected by run id, tag, job and status."""
-    instance = load_instance()
+    instance = load_instance(CANCEL_NO_HOME)
     select = functools.partial(
         cancel_runs,
         instance,

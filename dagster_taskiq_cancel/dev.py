@@ -18,12 +18,25 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, port_is_free
-from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, settings_from_env
+
+USE_AWS = "DAGSTER_TASKIQ_USE_AWS"
+BOOLEANS = {"": False, "0": False, "false": False, "1": True, "true": True}
 
 
 class DevError(RuntimeError):
     """The demo cannot start; the message says why and what to do."""
+
+
+def use_aws(env: Mapping[str, str]) -> bool:
+    """Whether ``DAGSTER_TASKIQ_USE_AWS`` asks for real SQS; only true/false (or 1/0) are read,
+    so that ``0`` or a typo never sends the demo to an AWS account."""
+    value = env.get(USE_AWS, "")
+    try:
+        return BOOLEANS[value.strip().lower()]
+    except KeyError:
+        raise DevError(f"{USE_AWS}={value!r}: set it to true or false (or 1 or 0)") from None
 
 
 def descendants(pid: int) -> list[int]:
@@ -126,6 +139,7 @@ class DevStack:
         return f"http://127.0.0.1:{self.ui_port}"
 
     def start(self) -> None:
+        aws = use_aws(self.env)
         if not (self.root / "workspace.yaml").exists():
             raise DevError(f"no workspace.yaml in {self.root}: run this from the repository root")
         if not port_is_free(self.ui_port):
@@ -134,9 +148,7 @@ class DevStack:
         shutil.copy(self.root / "dagster.yaml", self.home / "dagster.yaml")
         _create_storage(self.home)
         self.env["DAGSTER_HOME"] = str(self.home)
-        if not self.env.get(TaskiqCancelSettings.env_var("endpoint_url")) and not self.env.get(
-            "DAGSTER_TASKIQ_USE_AWS"
-        ):
+        if not self.env.get(TaskiqCancelSettings.env_var("endpoint_url")) and not aws:
             self.moto = MotoServer().start()
             self.env.update({k: self.env.get(k, v) for k, v in LOCAL_CREDENTIALS.items()})
             self.env[TaskiqCancelSettings.env_var("endpoint_url")] = self.moto.endpoint_url
@@ -198,7 +210,7 @@ def run_dev(ui_port: int, workers: int) -> int:
             flush=True,
         )
         return stack.wait()
-    except DevError as exc:
+    except (DevError, SqsError) as exc:
         print(f"dagster-taskiq-cancel dev: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C while starting: stop what started, quietly

@@ -165,11 +165,18 @@ def status(**overrides: Any) -> None:
 @main.command()
 @click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
 @click.option("--workers", default=1, show_default=True, help="Worker processes to start.")
-def dev(port: int, workers: int) -> None:
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level of `dagster dev`; `warning` hides its daemon's lines for every sensor tick.",
+)
+def dev(port: int, workers: int, log_level: str) -> None:
     """The demo: embedded SQS, queues, workers and `dagster dev` on ./workspace.yaml."""
     from dagster_taskiq_cancel.dev import run_dev
 
-    sys.exit(run_dev(port, workers))
+    sys.exit(run_dev(port, workers, log_level))
 
 
 def _parse_tags(

@@ -125,8 +125,10 @@ class DevStack:
         workers: int,
         env: Mapping[str, str],
         home: Path | None = None,
+        log_level: str = "info",
     ) -> None:
         self.root = root
+        self.log_level = log_level
         self.ui_port = ui_port
         self.workers = workers
         self.env = dict(env)
@@ -156,8 +158,9 @@ class DevStack:
         SyncQueues(settings).create_all()
         if self.workers:
             self.processes.append(self.start_workers(self.workers))
+        args = [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
         dagster = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)],
+            [*args, "--log-level", self.log_level],
             env=self.env,
             cwd=self.root,
             preexec_fn=_default_signals,
@@ -199,8 +202,8 @@ class DevStack:
         return 0
 
 
-def run_dev(ui_port: int, workers: int) -> int:
-    stack = DevStack(Path.cwd(), ui_port, workers, os.environ)
+def run_dev(ui_port: int, workers: int, log_level: str = "info") -> int:
+    stack = DevStack(Path.cwd(), ui_port, workers, os.environ, log_level=log_level)
     try:
         stack.start()
         print(

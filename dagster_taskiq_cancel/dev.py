@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, port_is_free
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings, settings_from_env
+from dagster_taskiq_cancel.settings import SettingsError, TaskiqCancelSettings, settings_from_env
 
 USE_AWS = "DAGSTER_TASKIQ_USE_AWS"
 BOOLEANS = {"": False, "0": False, "false": False, "1": True, "true": True}
@@ -213,7 +213,7 @@ def run_dev(ui_port: int, workers: int, log_level: str = "info") -> int:
             flush=True,
         )
         return stack.wait()
-    except (DevError, SqsError) as exc:
+    except (DevError, SettingsError, SqsError) as exc:
         print(f"dagster-taskiq-cancel dev: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C while starting: stop what started, quietly

@@ -17,7 +17,11 @@ from typing import Any
 
 import click
 from dagster import DagsterInstance, DagsterRunStatus
-from dagster._core.errors import DagsterHomeNotSetError, DagsterInvariantViolationError
+from dagster._core.errors import (
+    DagsterHomeNotSetError,
+    DagsterInvalidConfigError,
+    DagsterInvariantViolationError,
+)
 
 from dagster_taskiq_cancel.bulk import (
     DEFAULT_STATUSES,
@@ -39,6 +43,10 @@ NO_HOME = (
     "DAGSTER_HOME is not set: set it to the folder with the dagster.yaml your webserver and "
     "daemon use (the workers must share their run storage), e.g. DAGSTER_HOME=/srv/dagster"
 )
+CANCEL_NO_HOME = (
+    "DAGSTER_HOME is not set: `cancel` needs it pointing at the instance your runs live in (the "
+    "folder with the dagster.yaml your webserver and daemon use), e.g. DAGSTER_HOME=/srv/dagster"
+)
 
 
 def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -54,14 +62,23 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def load_instance() -> DagsterInstance:
-    """The ``DAGSTER_HOME`` instance, or a one-line error that says what to set."""
+def load_instance(no_home: str = NO_HOME) -> DagsterInstance:
+    """The ``DAGSTER_HOME`` instance, or a one-line error (``no_home`` when unset)."""
     try:
         return DagsterInstance.get()
     except DagsterHomeNotSetError:
-        raise click.ClickException(NO_HOME) from None
-    except DagsterInvariantViolationError as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+        raise click.ClickException(no_home) from None
+    except (DagsterInvariantViolationError, DagsterInvalidConfigError) as exc:
+        raise unusable_home(exc) from None
+
+
+def unusable_home(exc: Exception) -> click.ClickException:
+    """DAGSTER_HOME is set but its dagster.yaml cannot be read: Dagster's first lines, on one."""
+    if isinstance(exc, DagsterInvalidConfigError):
+        return click.ClickException(
+            f"{exc.message.splitlines()[0]} {'; '.join(exc.error_messages)}"
+        )
+    return click.ClickException(str(exc).splitlines()[0])
 
 
 def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
@@ -69,8 +86,8 @@ def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
         return fn(SyncQueues(current_settings(overrides)))
     except (SettingsError, SqsError) as exc:
         raise click.ClickException(str(exc)) from None
-    except DagsterInvariantViolationError as exc:  # DAGSTER_HOME set but not usable
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+    except (DagsterInvariantViolationError, DagsterInvalidConfigError) as exc:
+        raise unusable_home(exc) from None  # DAGSTER_HOME set but not usable
 
 
 @click.group()
@@ -148,11 +165,18 @@ def status(**overrides: Any) -> None:
 @main.command()
 @click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
 @click.option("--workers", default=1, show_default=True, help="Worker processes to start.")
-def dev(port: int, workers: int) -> None:
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level of `dagster dev`; `warning` hides its daemon's lines for every sensor tick.",
+)
+def dev(port: int, workers: int, log_level: str) -> None:
     """The demo: embedded SQS, queues, workers and `dagster dev` on ./workspace.yaml."""
     from dagster_taskiq_cancel.dev import run_dev
 
-    sys.exit(run_dev(port, workers))
+    sys.exit(run_dev(port, workers, log_level))
 
 
 def _parse_tags(
@@ -216,7 +240,7 @@ def cancel(
     yes: bool,
 ) -> None:
     """Cancel many runs at once, selected by run id, tag, job and status."""
-    instance = load_instance()
+    instance = load_instance(CANCEL_NO_HOME)
     select = functools.partial(
         cancel_runs,
         instance,

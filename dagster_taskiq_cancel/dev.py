@@ -18,12 +18,25 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, port_is_free
-from dagster_taskiq_cancel.queues import SyncQueues
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings, settings_from_env
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.settings import SettingsError, TaskiqCancelSettings, settings_from_env
+
+USE_AWS = "DAGSTER_TASKIQ_USE_AWS"
+BOOLEANS = {"": False, "0": False, "false": False, "1": True, "true": True}
 
 
 class DevError(RuntimeError):
     """The demo cannot start; the message says why and what to do."""
+
+
+def use_aws(env: Mapping[str, str]) -> bool:
+    """Whether ``DAGSTER_TASKIQ_USE_AWS`` asks for real SQS; only true/false (or 1/0) are read,
+    so that ``0`` or a typo never sends the demo to an AWS account."""
+    value = env.get(USE_AWS, "")
+    try:
+        return BOOLEANS[value.strip().lower()]
+    except KeyError:
+        raise DevError(f"{USE_AWS}={value!r}: set it to true or false (or 1 or 0)") from None
 
 
 def descendants(pid: int) -> list[int]:
@@ -112,8 +125,10 @@ class DevStack:
         workers: int,
         env: Mapping[str, str],
         home: Path | None = None,
+        log_level: str = "info",
     ) -> None:
         self.root = root
+        self.log_level = log_level
         self.ui_port = ui_port
         self.workers = workers
         self.env = dict(env)
@@ -126,6 +141,7 @@ class DevStack:
         return f"http://127.0.0.1:{self.ui_port}"
 
     def start(self) -> None:
+        aws = use_aws(self.env)
         if not (self.root / "workspace.yaml").exists():
             raise DevError(f"no workspace.yaml in {self.root}: run this from the repository root")
         if not port_is_free(self.ui_port):
@@ -134,9 +150,7 @@ class DevStack:
         shutil.copy(self.root / "dagster.yaml", self.home / "dagster.yaml")
         _create_storage(self.home)
         self.env["DAGSTER_HOME"] = str(self.home)
-        if not self.env.get(TaskiqCancelSettings.env_var("endpoint_url")) and not self.env.get(
-            "DAGSTER_TASKIQ_USE_AWS"
-        ):
+        if not self.env.get(TaskiqCancelSettings.env_var("endpoint_url")) and not aws:
             self.moto = MotoServer().start()
             self.env.update({k: self.env.get(k, v) for k, v in LOCAL_CREDENTIALS.items()})
             self.env[TaskiqCancelSettings.env_var("endpoint_url")] = self.moto.endpoint_url
@@ -144,8 +158,9 @@ class DevStack:
         SyncQueues(settings).create_all()
         if self.workers:
             self.processes.append(self.start_workers(self.workers))
+        args = [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
         dagster = subprocess.Popen(
-            [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)],
+            [*args, "--log-level", self.log_level],
             env=self.env,
             cwd=self.root,
             preexec_fn=_default_signals,
@@ -187,8 +202,8 @@ class DevStack:
         return 0
 
 
-def run_dev(ui_port: int, workers: int) -> int:
-    stack = DevStack(Path.cwd(), ui_port, workers, os.environ)
+def run_dev(ui_port: int, workers: int, log_level: str = "info") -> int:
+    stack = DevStack(Path.cwd(), ui_port, workers, os.environ, log_level=log_level)
     try:
         stack.start()
         print(
@@ -198,7 +213,7 @@ def run_dev(ui_port: int, workers: int) -> int:
             flush=True,
         )
         return stack.wait()
-    except DevError as exc:
+    except (DevError, SettingsError, SqsError) as exc:
         print(f"dagster-taskiq-cancel dev: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C while starting: stop what started, quietly

@@ -22,7 +22,12 @@ from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.messages import codec_for
 from dagster_taskiq_cancel.queues import SyncQueues
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, settings_from_env
+from dagster_taskiq_cancel.settings import (
+    LAUNCHER_CONFIG,
+    TaskiqCancelSettings,
+    config_fields,
+    settings_from_env,
+)
 from dagster_taskiq_cancel.tasks import (
     QUEUE_TAG,
     RESUME_SENT_TAG,
@@ -60,7 +65,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     def from_config_value(
         cls, inst_data: ConfigurableClassData, config_value: Mapping[str, Any]
     ) -> Self:
-        return cls(settings=settings_from_env(config_value), inst_data=inst_data)
+        settings = settings_from_env(config_value, where=LAUNCHER_CONFIG)
+        return cls(settings=settings, inst_data=inst_data)
 
     @functools.cached_property
     def queues(self) -> SyncQueues:

@@ -36,6 +36,7 @@ ACK_BATCH = 10
 DRAIN_WAIT_SECONDS = 1
 # Acks stay invisible this long while a tick handles them; one left undeleted comes back.
 ACK_VISIBILITY_SECONDS = 60
+EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
 
 _OUTCOME_TEXT = {
     "cancelled": "stopped by Dagster's interrupt",
@@ -74,11 +75,12 @@ def _record(
     metadata: Mapping[str, Any],
     level: int = logging.INFO,
 ) -> None:
-    """An engine event on ``run``; ``report_engine_event`` has no level, hence the direct event."""
+    """An engine event on ``run``, named as the sensor's: it shows in the run's log among the
+    worker's and Dagster's. ``report_engine_event`` has no level, hence the direct event."""
     event = DagsterEvent(
         event_type_value=DagsterEventType.ENGINE_EVENT.value,
         job_name=run.job_name,
-        message=message,
+        message=f"{EVENT_PREFIX}{message}",
         event_specific_data=EngineEventData(
             metadata={k: v for k, v in metadata.items() if v is not None}
         ),
@@ -113,7 +115,7 @@ def _apply_ack(
     _record(
         instance,
         run,
-        f"Worker {ack.worker_id} acknowledged the cancel: {target} task {ack.task_id} "
+        f"worker {ack.worker_id} acknowledged the cancel: {target} task {ack.task_id} "
         f"{ack.outcome} ({why}){after}.",
         {
             "outcome": ack.outcome,

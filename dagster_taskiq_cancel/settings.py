@@ -9,17 +9,32 @@ defaults (``resolve_settings`` with an instance, ``current_settings`` without on
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import dagster as dg
+from dagster._config.errors import (
+    FieldNotDefinedErrorData,
+    FieldsNotDefinedErrorData,
+    RuntimeMismatchErrorData,
+)
+from dagster._core.errors import DagsterInvalidConfigError
 from pydantic import Field, ValidationError
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
 
 ENV_PREFIX = "DAGSTER_TASKIQ_"
+LAUNCHER_CONFIG = "dagster.yaml under run_launcher: config:"
+CONFIG = "the config"
+# What Dagster's config schema expected, in the words of a one-line error.
+EXPECTED = {
+    "Float": "should be a number",
+    "Int": "should be a whole number",
+    "String": "should be text",
+}
 
 
 class TaskiqCancelSettings(dg.Config):
@@ -130,8 +145,12 @@ class SettingsError(ValueError):
 def settings_from_env(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    where: str = CONFIG,
 ) -> TaskiqCancelSettings:
-    """Settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped)."""
+    """Settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped).
+
+    ``where`` names the place the overrides come from, for the error.
+    """
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for name in TaskiqCancelSettings.model_fields:
@@ -139,20 +158,61 @@ def settings_from_env(
         if raw not in (None, ""):
             values[name] = raw
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_settings(values)
+    return build_settings(values, where)
 
 
-def build_settings(values: Mapping[str, Any]) -> TaskiqCancelSettings:
+def build_settings(values: Mapping[str, Any], where: str = CONFIG) -> TaskiqCancelSettings:
     """Validate ``values`` into settings, turning pydantic's error into one that names the fix."""
     try:
         return TaskiqCancelSettings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} "
-            f"(set it in the config or as {TaskiqCancelSettings.env_var(str(err['loc'][0]))})"
+        problems = [
+            (".".join(str(p) for p in err["loc"]), err.get("input"), err["msg"])
             for err in exc.errors()
-        )
-        raise SettingsError(f"Invalid dagster-taskiq-cancel settings: {problems}") from None
+        ]
+        raise SettingsError(describe(problems, where)) from None
+
+
+def describe(problems: list[tuple[str, Any, str]], where: str) -> str:
+    """The one line for every wrong setting: field, value given, what is wrong, where to fix it."""
+    fields = list(TaskiqCancelSettings.model_fields)
+    parts = []
+    for field, value, reason in problems:
+        name = field.split(".")[0]
+        if name in fields:
+            hint = f"set it in {where} or as {TaskiqCancelSettings.env_var(name)}"
+        else:
+            close = difflib.get_close_matches(name, fields, n=1)
+            reason += f", did you mean {close[0]}?" if close else ""
+            hint = f"fix it in {where}"
+        parts.append(f"{field}={value!r}: {reason} ({hint})")
+    return f"Invalid dagster-taskiq-cancel settings: {'; '.join(parts)}"
+
+
+def launcher_config_problems(exc: DagsterInvalidConfigError) -> str:
+    """Dagster's schema error on the launcher config (a long dump), said as ``describe`` does."""
+    given = exc.config_value if isinstance(exc.config_value, Mapping) else {}
+    problems = []
+    for error in exc.errors:
+        data = error.error_data
+        if isinstance(data, FieldNotDefinedErrorData | FieldsNotDefinedErrorData):
+            names = (
+                [data.field_name]
+                if isinstance(data, FieldNotDefinedErrorData)
+                else data.field_names
+            )
+            problems += [(name, given.get(name), "not a setting") for name in names]
+            continue
+        if not error.stack.levels:  # the config as a whole, e.g. not a mapping
+            problems.append(("run_launcher.config", exc.config_value, error.message))
+            continue
+        field = error.stack.levels[0]
+        reason = error.message
+        if isinstance(data, RuntimeMismatchErrorData):
+            key = data.config_type_snap.key
+            reason = EXPECTED.get(key, f"should be of type {key}")
+        problems.append((field, given.get(field), reason))
+    return describe(problems, LAUNCHER_CONFIG)
 
 
 def resolve_settings(
@@ -166,7 +226,10 @@ def resolve_settings(
     """
     from dagster_taskiq_cancel.launcher import TaskiqRunLauncher  # the launcher imports us
 
-    launcher = instance.run_launcher
+    try:
+        launcher = instance.run_launcher
+    except DagsterInvalidConfigError as exc:
+        raise SettingsError(launcher_config_problems(exc)) from None
     if not isinstance(launcher, TaskiqRunLauncher):
         return settings_from_env(overrides)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}

@@ -97,3 +97,13 @@ def test_setting_options_are_typed() -> None:
     assert "--grace-seconds FLOAT" in usage
     assert "--concurrency INTEGER" in usage
     assert "--queue-name TEXT" in usage
+
+
+def test_cancel_without_dagster_home_says_it_needs_the_runs_instance() -> None:
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/")}
+    result = cli("cancel", "--run-id", str(uuid.uuid4()), "--yes", env=env)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith("Error: DAGSTER_HOME is not set: `cancel` needs it"), line
+    assert "the instance your runs live in" in line
+    assert "workers" not in line

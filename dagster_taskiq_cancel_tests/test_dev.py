@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dagster_taskiq_cancel.dev import descendants
+from dagster_taskiq_cancel.dev import descendants, use_aws
 from dagster_taskiq_cancel.local_sqs import MinistackServer, free_port
 from dagster_taskiq_cancel_tests.stack import graphql, pid_alive, wait_for
 
@@ -122,3 +122,29 @@ def test_make_dev_in_a_clean_environment_runs_a_job_and_ctrl_c_is_quiet(
     assert "Dagster UI: " in text
     assert not survivors, f"left running after Ctrl-C: {survivors}"
     assert (root / ".dagster_home" / "dagster.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "aws"),
+    [("", False), ("0", False), ("false", False), ("FALSE", False), ("1", True), ("True", True)],
+)
+def test_use_aws_means_what_it_says(value: str, aws: bool) -> None:
+    assert use_aws({"DAGSTER_TASKIQ_USE_AWS": value}) is aws
+    assert use_aws({}) is False
+
+
+def test_use_aws_other_than_true_or_false_is_a_one_line_error(tmp_path: Path) -> None:
+    env = {**clean_env(tmp_path), "DAGSTER_TASKIQ_USE_AWS": "no thanks"}
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster_taskiq_cancel", "dev", "--port", str(free_port())],
+        cwd=checkout(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "DAGSTER_TASKIQ_USE_AWS='no thanks'" in line, line
+    assert "true or false" in line
+    assert not (tmp_path / "repo" / ".dagster_home").exists()  # refused before starting anything

@@ -19,6 +19,7 @@ from dagster_taskiq_cancel_tests.jobs import sleepy_job, stubborn_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
 
 CANCELED = DagsterRunStatus.CANCELED
+SENSOR = "dagster_taskiq_cancel reconciliation sensor: "
 
 
 def tick(deployment: Deployment, **resource_fields: Any) -> str:
@@ -88,7 +89,9 @@ def test_run_cancelled_before_it_started_is_skipped_and_ends_canceled(
     deployment.start_worker()
 
     tick_until(deployment, lambda: deployment.status(run_id) == CANCELED)
-    assert any("skipped" in m for m in deployment.engine_messages(run_id))
+    acks = [m for m in deployment.engine_messages(run_id) if "acknowledged the cancel" in m]
+    assert len(acks) == 1 and "skipped" in acks[0], acks
+    assert acks[0].startswith(SENSOR), acks  # the README's tour says who wrote it
     assert deployment.executions(run_id) == 0
 
 
@@ -108,7 +111,9 @@ def test_cancel_nobody_confirms_times_out_with_a_warning(deployment: Deployment)
         for entry in deployment.instance.all_logs(run_id)
         if entry.dagster_event is not None and entry.level == logging.WARNING
     ]
-    assert any("No worker confirmed" in w and "host-a:123" in w for w in warnings), warnings
+    assert any(
+        w.startswith(f"{SENSOR}No worker confirmed") and "host-a:123" in w for w in warnings
+    ), warnings
 
 
 def test_acks_never_overwrite_a_status_other_than_canceling(deployment: Deployment) -> None:

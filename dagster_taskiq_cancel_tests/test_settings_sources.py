@@ -112,3 +112,32 @@ def test_sensor_with_the_readme_resource_uses_the_launcher_settings(
         wait_for(ticked_to_canceled, 30, "the sensor's timeout from the launcher config")
     finally:
         deployment.stop()
+
+
+# (launcher config, what the one line must name besides dagster.yaml): a wrong type Dagster's
+# schema rejects, a value our settings reject, a misspelt field, a config that is no mapping.
+BAD_LAUNCHER_CONFIGS: list[tuple[object, list[str]]] = [
+    ({"poll_interval_seconds": "abc"}, ["poll_interval_seconds='abc'", "DAGSTER_TASKIQ_"]),
+    ({"grace_seconds": -1}, ["grace_seconds=-1", "DAGSTER_TASKIQ_GRACE_SECONDS"]),
+    ({"poll_interval": 1}, ["poll_interval=1", "did you mean poll_interval_seconds"]),
+    ("abc", ["run_launcher:config must be dict"]),
+]
+
+
+@pytest.mark.parametrize("command", [["worker"], ["queues", "status"]])
+def test_invalid_launcher_config_is_one_line_naming_field_value_and_where(
+    tmp_path: Path, command: list[str]
+) -> None:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DAGSTER_")}
+    for i, (config, named) in enumerate(BAD_LAUNCHER_CONFIGS):
+        (tmp_path / str(i)).mkdir()
+        home = home_with_launcher(tmp_path / str(i))
+        instance = yaml.safe_load((home / "dagster.yaml").read_text())
+        instance["run_launcher"]["config"] = config
+        (home / "dagster.yaml").write_text(yaml.safe_dump(instance))
+        result = cli(*command, env={**base, "DAGSTER_HOME": str(home)})
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        for text in [*named, "dagster.yaml"]:
+            assert text in line, line

@@ -9,14 +9,20 @@ sees: the process is gone, and the run's status and events are true.
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from pathlib import Path
 
 from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus
+from dagster._core.launcher import WorkerStatus
 
+from dagster_taskiq_cancel.heartbeats import worker_health
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import (
+    RELEASED_TAG,
     TAG_PREFIX,
     TASK_ID_TAG,
+    WORKER_ID_TAG,
     resume_task_id,
     resume_task_message,
     run_task_message,
@@ -122,3 +128,33 @@ def test_terminate_during_a_resume_start_up_ends_canceled(deployment: Deployment
     wait_for(lambda: "-resume-1 (run" in deployment.worker_log(0), 30, "the resume started")
     assert deployment.instance.run_launcher.terminate(run_id)
     tick_until(deployment, lambda: deployment.status(run_id) in CANCELED, timeout=60)
+
+
+def test_a_worker_that_cannot_beat_kills_its_work_and_releases_the_run(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """The run storage stops answering the worker (here: a lock held on sqlite's runs.db). Run
+    monitoring would soon resume the run elsewhere, so the worker kills its run process first,
+    and once the storage answers again marks the run released so that it is not stuck."""
+    deployment = Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=3)
+    try:
+        deployment.start_worker()
+        run_id = deployment.launch(sleepy_job, seconds=300)
+        pid = deployment.op_pid(run_id)
+        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+        lock = sqlite3.connect(deployment.home / "history" / "runs.db", timeout=30)
+        try:
+            lock.execute("BEGIN EXCLUSIVE")
+            wait_for(lambda: not pid_alive(pid), 30, "the op killed while the storage is gone")
+        finally:
+            lock.rollback()
+            lock.close()
+        holder = deployment.tags(run_id)[WORKER_ID_TAG]
+        wait_for(lambda: deployment.tags(run_id).get(RELEASED_TAG) == holder, 30, "released")
+        run = deployment.instance.get_run_by_id(run_id)
+        assert run is not None and run.status == DagsterRunStatus.STARTED
+        health = worker_health(deployment.instance, run, 3)
+        assert health.status == WorkerStatus.FAILED, health
+        assert any("could not write its heartbeat" in m for m in deployment.engine_messages(run_id))
+    finally:
+        deployment.stop()

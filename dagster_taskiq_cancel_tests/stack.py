@@ -95,6 +95,11 @@ def task_pids(worker: int, cmdline_contains: str) -> list[int]:
     ]
 
 
+def worker_pid(worker_id: str) -> int:
+    """The pid in a worker id (``host:pid:boot``)."""
+    return int(worker_id.split(":")[1])
+
+
 def descendant_pids(root: int) -> set[int]:
     """Every live process below ``root``, however deep."""
     found: set[int] = set()

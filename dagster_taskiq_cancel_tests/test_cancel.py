@@ -13,7 +13,13 @@ from dagster import DagsterRunStatus
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
+from dagster_taskiq_cancel_tests.stack import (
+    Deployment,
+    pid_alive,
+    stop_process,
+    wait_for,
+    worker_pid,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -65,7 +71,7 @@ def test_one_slot_workers_share_the_work_instead_of_hoarding(deployment: Deploym
     for run_id in run_ids:
         deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=120)
     holders = {deployment.tags(run_id)[WORKER_ID_TAG] for run_id in run_ids}
-    assert {h.rsplit(":", 1)[1] for h in holders} == {str(first.pid), str(second.pid)}
+    assert {worker_pid(h) for h in holders} == {first.pid, second.pid}
 
 
 def test_redelivered_and_duplicated_run_messages_execute_once(

@@ -8,7 +8,6 @@ own run-monitoring iteration calls the launcher's ``resume_run``, and worker B r
 from __future__ import annotations
 
 import logging
-import socket
 from pathlib import Path
 
 from dagster import DagsterEventType, DagsterRunStatus
@@ -19,7 +18,7 @@ from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_ite
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, claim_tag, resume_task_id
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for, worker_pid
 
 STARTED = DagsterRunStatus.STARTED
 
@@ -59,11 +58,10 @@ def test_lost_worker_run_resumes_on_another_worker_and_can_be_terminated(
 
             wait_for(resumed, 60, "run monitoring to resume both runs", interval=0.5)
 
-        survivor_id = f"{socket.gethostname()}:{survivor.pid}"
         for run_id in first_pids:
             claim = claim_tag(run_id, resume_task_id(run_id, 1))
             wait_for(lambda r=run_id, c=claim: c in deployment.tags(r), 60, f"{claim} on {run_id}")
-            assert deployment.tags(run_id)[WORKER_ID_TAG] == survivor_id
+            assert worker_pid(deployment.tags(run_id)[WORKER_ID_TAG]) == survivor.pid
         deployment.wait_status(finishes, {DagsterRunStatus.SUCCESS}, timeout=90)
         assert deployment.executions(finishes) == 2  # once on each worker
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import heapq
 import random
 import re
-import socket
 import time
 import uuid
 from collections import Counter
@@ -21,7 +20,13 @@ from dagster import DagsterRunStatus
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import (
+    Deployment,
+    child_pids,
+    pid_alive,
+    wait_for,
+    worker_pid,
+)
 from dagster_taskiq_cancel_tests.test_sensor import acks_queue_empty, tick_until
 
 pytestmark = pytest.mark.postgres
@@ -97,14 +102,14 @@ def kill_worker(deployment: Deployment, soak: Soak, index: int) -> set[str]:
     victim = deployment.workers[index]
     victim.kill()
     victim.wait(30)
-    worker_id = f"{socket.gethostname()}:{victim.pid}:"  # then the per-boot part
     log = deployment.worker_log(index)
     received = set(RECEIVED.findall(log)) - set(SET_ASIDE.findall(log))
     lost = set()
     for run_id in soak.run_ids:
         run = deployment.instance.get_run_by_id(run_id)
         assert run is not None
-        held = run.tags.get(WORKER_ID_TAG, "").startswith(worker_id)
+        holder = run.tags.get(WORKER_ID_TAG)
+        held = holder is not None and worker_pid(holder) == victim.pid
         unclaimed = run_id in received and WORKER_ID_TAG not in run.tags
         if (held or unclaimed) and run.status not in TERMINAL:
             lost.add(run_id)

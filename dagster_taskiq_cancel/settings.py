@@ -53,7 +53,7 @@ class TaskiqCancelSettings(dg.Config):
     grace_seconds: float = Field(
         default=10.0,
         ge=0,
-        description="Time from SIGTERM (Dagster's interrupt) to SIGKILL of the process group.",
+        description="Time from SIGTERM (Dagster's interrupt) to SIGKILL of the task's processes.",
     )
     concurrency: int = Field(
         default=4, ge=1, description="Tasks one worker process runs at once (its slots)."

@@ -86,6 +86,14 @@ class TaskiqCancelSettings(dg.Config):
             "(workers beat every sixth of it)."
         ),
     )
+    step_claim_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "taskiq_executor fails a step whose task no worker has claimed this long after it was "
+            "sent (lost message, no worker on the queue): size it above the longest queue wait."
+        ),
+    )
     cancel_timeout_seconds: float = Field(
         default=120.0,
         gt=0,

@@ -35,6 +35,13 @@ def _settings(init_context: dg.InitExecutorContext) -> TaskiqCancelSettings:
     return resolve_settings(init_context.instance, overrides)
 
 
+def _health_check_interval(settings: TaskiqCancelSettings) -> int:
+    """A third of the shorter timeout the step health check answers from, at most Dagster's
+    default of 20 s: a lost step fails within about 1.3 times its timeout."""
+    shortest = min(settings.heartbeat_timeout_seconds, settings.step_claim_timeout_seconds)
+    return max(1, min(20, int(shortest / 3)))
+
+
 @dg.executor(
     name="taskiq",
     config_schema=_config_schema(),
@@ -48,10 +55,12 @@ def taskiq_executor(init_context: dg.InitExecutorContext) -> Executor:
     Terminating the run stops every step on whichever worker holds it.
     """
     config = init_context.executor_config
+    settings = _settings(init_context)
     return StepDelegatingExecutor(
-        TaskiqStepHandler(_settings(init_context)),
+        TaskiqStepHandler(settings),
         retries=RetryMode.from_config(config["retries"]),  # type: ignore[arg-type]
         max_concurrent=config.get("max_concurrent"),
         tag_concurrency_limits=config.get("tag_concurrency_limits"),
         should_verify_step=True,
+        check_step_health_interval_seconds=_health_check_interval(settings),
     )

@@ -2,7 +2,8 @@
 
 One write per worker every few seconds (not one per run): the run's ``dagster-taskiq/worker_id``
 tag says which worker holds it, and the launcher's ``check_run_worker_health`` compares that
-worker's last heartbeat with ``heartbeat_timeout_seconds``.
+worker's last heartbeat with ``heartbeat_timeout_seconds``; the step handler's health check does
+the same for the worker named in a step task's claim.
 """
 
 from __future__ import annotations
@@ -60,13 +61,19 @@ def worker_health(
             f"worker {worker_id} killed the run process: it had lost the run storage "
             "(see the run's events)",
         )
-    last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
-    age = time.time() - float(last) if last else None
-    if age is None or age > timeout_seconds:
-        seen = f"{age:.0f}s ago" if age is not None else "never"
+    stale = staleness(instance, worker_id, timeout_seconds)
+    if stale is not None:
         return CheckRunHealthResult(
-            WorkerStatus.FAILED,
-            f"worker {worker_id} holding the run was last seen {seen} "
-            f"(heartbeat_timeout_seconds={timeout_seconds:g})",
+            WorkerStatus.FAILED, f"worker {worker_id} holding the run was {stale}"
         )
     return CheckRunHealthResult(WorkerStatus.RUNNING)
+
+
+def staleness(instance: DagsterInstance, worker_id: str, timeout_seconds: float) -> str | None:
+    """Why ``worker_id`` counts as dead ("last seen ..."); None while its heartbeat is fresh."""
+    last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
+    age = time.time() - float(last) if last else None
+    if age is not None and age <= timeout_seconds:
+        return None
+    seen = f"{age:.0f}s ago" if age is not None else "never"
+    return f"last seen {seen} (heartbeat_timeout_seconds={timeout_seconds:g})"

@@ -68,7 +68,7 @@ class TaskiqCancelSettings(dg.Config):
     grace_seconds: float = Field(
         default=10.0,
         ge=0,
-        description="Time from SIGTERM (Dagster's interrupt) to SIGKILL of the process group.",
+        description="Time from SIGTERM (Dagster's interrupt) to SIGKILL of the task's processes.",
     )
     concurrency: int = Field(
         default=4, ge=1, description="Tasks one worker process runs at once (its slots)."
@@ -99,6 +99,14 @@ class TaskiqCancelSettings(dg.Config):
         description=(
             "Run monitoring fails a run whose worker has not written a heartbeat for this long "
             "(workers beat every sixth of it)."
+        ),
+    )
+    step_claim_timeout_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description=(
+            "taskiq_executor fails a step whose task no worker has claimed this long after it was "
+            "sent (lost message, no worker on the queue): size it above the longest queue wait."
         ),
     )
     cancel_timeout_seconds: float = Field(

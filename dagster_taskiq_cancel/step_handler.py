@@ -7,6 +7,7 @@ process, so that the worker can stop it when the run storage says its run is no 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 from dagster._core.events import DagsterEvent
@@ -16,10 +17,11 @@ from dagster._core.executor.step_delegating import (
     StepHandlerContext,
 )
 
+from dagster_taskiq_cancel import heartbeats
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import step_task_message
+from dagster_taskiq_cancel.tasks import claim_tag, step_task_id, step_task_message
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class TaskiqStepHandler(StepHandler):
         super().__init__()
         self.queues = SyncQueues(settings)
         self.codec = codec_for(settings)
+        # When this run process sent each step task (or, after a resume, first checked it).
+        self._sent: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -71,17 +75,42 @@ class TaskiqStepHandler(StepHandler):
             metadata={"queue": queue, "task_id": message.task_id},
         )
         self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
+        self._sent[message.task_id] = time.time()
         yield event
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
-        """Always healthy: nothing here can see a step any better than the workers already do.
+        """Unhealthy once the step's task is lost, so that the executor fails (or retries) the
+        step instead of waiting for it forever, as dagster-docker and dagster-k8s answer from
+        the container or Job.
 
-        A step whose run is no longer live (for instance because its run process died and run
-        monitoring failed the run) is stopped by the worker's run-storage poll; a lost message is
-        caught by the step's own start timeout, if one is configured. SQS cannot say which
-        worker holds a task, so asking it would only add requests.
+        Lost means: the worker named in the task's claim has a stale heartbeat (it died, and the
+        step's processes with it), or no worker claimed the task within
+        ``step_claim_timeout_seconds`` of its sending (a lost message, no worker on the queue).
+        Two run-storage reads per running step and check; SQS is not asked.
         """
-        return CheckStepHealthResult.healthy()
+        args = step_handler_context.execute_step_args
+        step_key = _step_key(step_handler_context)
+        task_id = step_task_id(args.run_id, step_key, _attempt(step_handler_context, step_key))
+        settings = self.queues.settings
+        instance = step_handler_context.instance
+        run = instance.get_run_by_id(args.run_id)
+        claim = run.tags.get(claim_tag(args.run_id, task_id)) if run else None
+        if claim is None:
+            waited = time.time() - self._sent.setdefault(task_id, time.time())
+            if waited <= settings.step_claim_timeout_seconds:
+                return CheckStepHealthResult.healthy()
+            return CheckStepHealthResult.unhealthy(
+                f"step task {task_id} was never claimed within "
+                f"{settings.step_claim_timeout_seconds:g}s (step_claim_timeout_seconds): "
+                f"is a worker serving queue {self.queues.names.main}?"
+            )
+        worker_id = claim.rsplit("/", 1)[0]
+        stale = heartbeats.staleness(instance, worker_id, settings.heartbeat_timeout_seconds)
+        if stale is None:
+            return CheckStepHealthResult.healthy()
+        return CheckStepHealthResult.unhealthy(
+            f"worker {worker_id} holding step task {task_id} was {stale}"
+        )
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         """Hint the workers to check the run now; a failed send only delays the stop.

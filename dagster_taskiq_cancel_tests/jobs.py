@@ -37,16 +37,21 @@ def sleeper(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
         time.sleep(0.05)
 
 
-@dg.op
-def stubborn(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
-    """Ignores Dagster's interrupt: only SIGKILL stops it."""
-    _record_start(context, config.marker_dir)
-    deadline = time.monotonic() + config.seconds
+def _ignore_interrupts(context: dg.OpExecutionContext, seconds: float) -> None:
+    """Sleep ``seconds``, ignoring Dagster's interrupt: only SIGKILL stops the caller."""
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             time.sleep(0.05)
         except DagsterExecutionInterruptedError:
             context.log.info("interrupted, ignoring it")
+
+
+@dg.op
+def stubborn(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Ignores Dagster's interrupt: only SIGKILL stops it."""
+    _record_start(context, config.marker_dir)
+    _ignore_interrupts(context, config.seconds)
 
 
 @dg.op
@@ -127,6 +132,23 @@ def spawner(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
     deadline = time.monotonic() + config.seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@dg.op
+def session_spawner(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Ignores the interrupt and starts a helper in a session of its own, out of the task's
+    process group: only the guard, which tracks every descendant, can find it."""
+    _record_start(context, config.marker_dir)
+    helper = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True
+    )
+    (Path(config.marker_dir) / f"{context.run_id}.helper").write_text(str(helper.pid))
+    _ignore_interrupts(context, config.seconds)
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def session_spawner_job() -> None:
+    session_spawner()
 
 
 @dg.job  # Dagster's default executor: each op in its own multiprocessing step process

@@ -3,13 +3,15 @@ and the Dagster child kills the multiprocess executor's step processes and what 
 
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any
 
 from dagster import DagsterRunStatus
 
-from dagster_taskiq_cancel_tests.jobs import multiprocess_job
+from dagster_taskiq_cancel_tests.jobs import multiprocess_job, session_spawner_job
 from dagster_taskiq_cancel_tests.stack import Deployment, descendant_pids, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.test_graceful import reconcile_until
 
 
 def _start(deployment: Deployment) -> tuple[str, set[int]]:
@@ -58,3 +60,24 @@ def test_terminate_ends_a_multiprocess_run_canceled_and_leaves_nothing(
     )
     assert worker.poll() is None
     assert "exit code 0" in deployment.worker_log(0), "Dagster's interrupt ended the run"
+
+
+def test_sigkill_after_grace_reaches_a_process_in_its_own_session(deployment: Deployment) -> None:
+    """The op ignores the interrupt and its helper left the task's process group: the SIGKILL
+    after grace goes through the guard, which kills every descendant, whatever its session."""
+    deployment.start_worker("--grace-seconds", "1")
+    run_id = deployment.launch(session_spawner_job, seconds=300)
+    op_pid = deployment.op_pid(run_id)
+    helper_file = deployment.markers / f"{run_id}.helper"
+    helper = int(wait_for(lambda: helper_file.exists() and helper_file.read_text(), 60, "helper"))
+    assert os.getsid(helper) != os.getsid(op_pid), "the helper should lead a session of its own"
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    assert deployment.instance.run_launcher.terminate(run_id)
+    try:
+        wait_for(lambda: not pid_alive(op_pid) and not pid_alive(helper), 20, "op and helper gone")
+    finally:
+        if pid_alive(helper):  # the test's own leftover on failure, stopped by its pid
+            os.kill(helper, signal.SIGKILL)
+    reconcile_until(deployment, run_id, DagsterRunStatus.CANCELED)
+    assert "SIGKILL" in deployment.worker_log(0)
+    assert any("killed" in m for m in deployment.engine_messages(run_id))

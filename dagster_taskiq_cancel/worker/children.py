@@ -6,7 +6,8 @@ ends whatever is left. Synchronous code in a thread of the worker could never be
 
 The child runs under ``guard.py``, which leads the session and process group: the pid the worker
 holds is the guard's, SIGTERM/SIGINT sent to it reach the Dagster child, and when the worker dies
-(SIGKILL included) the guard kills every process of the task, however deep.
+(SIGKILL included) or sends it ``KILL_ALL`` the guard kills every process of the task, however
+deep and in whatever session.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from dagster_taskiq_cancel.worker.guard import KILL_ALL
+
 GUARD = str(Path(__file__).with_name("guard.py"))
+# The guard's kill takes milliseconds; one still alive after this is passed by (``kill_group``).
+GUARD_KILL_SECONDS = 3.0
 
 
 def guarded_argv(argv: Sequence[str]) -> list[str]:
@@ -57,3 +62,8 @@ def kill_group(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def kill_all(guard_pid: int) -> bool:
+    """Have the guard SIGKILL every process of its task, itself last; False when it is gone."""
+    return signal_process(guard_pid, KILL_ALL)

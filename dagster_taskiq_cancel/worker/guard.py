@@ -6,9 +6,11 @@ whatever it starts (the multiprocess executor's step processes, multiprocessing 
 that group. The guard:
 
 - is a child subreaper, so a descendant whose parent dies is re-parented to it, not to init;
-- gets SIGHUP when the worker dies, even by SIGKILL (parent-death signal), and then SIGKILLs
-  every descendant and every member of its session: a parent-death signal on the Dagster child
-  alone would not reach the processes that child starts;
+- on SIGHUP SIGKILLs every descendant and every member of its session, then itself (so the
+  worker sees ``-9``): it gets SIGHUP when the worker dies, even by SIGKILL (parent-death
+  signal), and from the worker when a stop escalates after grace. A parent-death signal on the
+  Dagster child alone would not reach the processes that child starts, and a SIGKILL of the
+  process group misses descendants that started a session of their own;
 - forwards SIGTERM and SIGINT to the Dagster child only: that is Dagster's interrupt, and the run
   process forwards it to its step processes itself;
 - when the child exits, kills what is left and exits as the child did: the same exit code, or
@@ -31,7 +33,7 @@ import time
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-ON_WORKER_DEATH = signal.SIGHUP
+KILL_ALL = signal.SIGHUP  # the worker died, or a stop escalates: kill every process of the task
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 # As subprocess's restore_signals: Python ignores these, and the child must not inherit that.
 _RESTORED = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -138,17 +140,17 @@ def main(argv: list[str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signum)
 
-    def worker_died(_signum: int, _frame: object) -> None:
+    def kill_everything(_signum: int, _frame: object) -> None:
         kill_all()
-        os._exit(1)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
-    signal.signal(ON_WORKER_DEATH, worker_died)
+    signal.signal(KILL_ALL, kill_everything)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    _prctl(_PR_SET_PDEATHSIG, ON_WORKER_DEATH)
+    _prctl(_PR_SET_PDEATHSIG, KILL_ALL)
     if os.getppid() != worker:  # the worker died before the parent-death signal was armed
-        worker_died(ON_WORKER_DEATH, None)
+        kill_everything(KILL_ALL, None)
     child = _start(command)
     for signum in pending:
         forward(signum, None)

@@ -533,7 +533,7 @@ class Worker:
             logger.critical("Killing task %s of run %s: %s", held.task_id, held.run_id, why)
             held.superseded = held.killed = True
             held.fenced_because = why
-            children.kill_group(held.process.pid)
+            asyncio.get_running_loop().create_task(self._kill(held))
 
     async def check_held(self) -> None:
         """One batched query for every held run; then act on what the authority says."""
@@ -576,8 +576,8 @@ class Worker:
             logger.info("Killing task %s: its run was cancelled before it started", held.task_id)
             held.stop_started_at = time.time()
             held.request = self._pending_requests.get(held.run_id)
-            held.killed = held.before_start = True
-            children.kill_group(held.process.pid)
+            held.before_start = True
+            asyncio.get_running_loop().create_task(self._kill(held))
             return
         self.stop(held)
 
@@ -649,8 +649,16 @@ class Worker:
         if await self._exits_within(held, grace):
             return
         logger.warning("Task %s did not stop in %ss: SIGKILL", held.task_id, grace)
+        await self._kill(held)
+
+    async def _kill(self, held: HeldTask) -> None:
+        """SIGKILL every process of the task through its guard, which also finds those that
+        left the process group (a new session); the group directly if the guard hangs."""
         held.killed = True
-        children.kill_group(held.process.pid)
+        children.kill_all(held.process.pid)
+        if not await self._exits_within(held, children.GUARD_KILL_SECONDS):
+            logger.warning("Guard of task %s did not exit: SIGKILL of its group", held.task_id)
+            children.kill_group(held.process.pid)
 
     @staticmethod
     async def _exits_within(held: HeldTask, seconds: float) -> bool:

@@ -63,3 +63,9 @@ def worker_health(
             f"(heartbeat_timeout_seconds={timeout_seconds:g})",
         )
     return CheckRunHealthResult(WorkerStatus.RUNNING)
+
+
+def seconds_since_beat(instance: DagsterInstance, worker_id: str) -> float | None:
+    """How long ago ``worker_id`` last wrote its heartbeat; None if it never did."""
+    last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
+    return time.time() - float(last) if last else None

@@ -89,7 +89,10 @@ class TaskiqCancelSettings(dg.Config):
     cancel_timeout_seconds: float = Field(
         default=120.0,
         gt=0,
-        description="A CANCELING run with no worker acknowledgement is marked CANCELED after this.",
+        description=(
+            "A CANCELING run with no worker acknowledgement is marked CANCELED this long after "
+            "its notice and grace ran out, once no live worker (fresh heartbeat) holds it."
+        ),
     )
 
     signing_key: str | None = Field(
@@ -101,7 +104,11 @@ class TaskiqCancelSettings(dg.Config):
         ),
     )
     signature_max_age_seconds: float = Field(
-        default=300.0, gt=0, description="Signed messages older than this are rejected as stale."
+        default=300.0,
+        gt=0,
+        description=(
+            "Signed cancel requests older than this are rejected as stale (acks never expire)."
+        ),
     )
 
     @classmethod

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
 
+import pytest
+
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
+from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -97,3 +101,20 @@ def test_setting_options_are_typed() -> None:
     assert "--grace-seconds FLOAT" in usage
     assert "--concurrency INTEGER" in usage
     assert "--queue-name TEXT" in usage
+
+
+@pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
+def test_workers_parent_exits_non_zero_at_once_when_a_child_dies(deployment: Deployment) -> None:
+    parent = deployment.start_worker("--workers", "2")
+    wait_for(lambda: deployment.worker_log(0).count(" ready") == 2, 60, "both children ready")
+    children = child_pids(parent.pid, "dagster_taskiq_cancel")
+    assert len(children) == 2
+    try:
+        os.kill(children[0], signal.SIGKILL)
+        wait_for(lambda: parent.poll() is not None, 30, "the parent to exit")
+        assert parent.returncode != 0
+        wait_for(lambda: not pid_alive(children[1]), 10, "the other child stopped")
+    finally:
+        for pid in children:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)

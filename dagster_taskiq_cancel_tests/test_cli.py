@@ -118,3 +118,16 @@ def test_workers_parent_exits_non_zero_at_once_when_a_child_dies(deployment: Dep
         for pid in children:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_queues_status_warns_when_no_signing_key_is_set(sqs_server: LocalSqsServer) -> None:
+    args = ("queues", "status", "--endpoint-url", sqs_server.endpoint_url)
+    assert cli("queues", "create", *args[2:]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_TASKIQ_SIGNING_KEY"}
+    unsigned = cli(*args, env=env)
+    assert unsigned.returncode == 0, unsigned.stderr
+    assert "no signing key" in unsigned.stderr
+    signed = cli(*args, env={**env, "DAGSTER_TASKIQ_SIGNING_KEY": "team-secret"})
+    assert signed.returncode == 0, signed.stderr
+    assert "signing key" not in signed.stderr
+    assert "team-secret" not in signed.stdout + signed.stderr

@@ -317,3 +317,16 @@ def test_ack_whose_storage_write_fails_is_kept_and_applied_later(
     ).records
     assert canceled == []
     assert acks_queue_empty(deployment)
+
+
+def test_worker_retries_an_ack_send_that_fails(deployment: Deployment) -> None:
+    deployment.env["FLAKY_ACK_FAILURES"] = "2"
+    deployment.start_worker(
+        "--grace-seconds", "1", module="dagster_taskiq_cancel_tests.flaky_acks_worker"
+    )
+    run_id = deployment.launch(stubborn_job, seconds=120)
+    deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    assert deployment.instance.run_launcher.terminate(run_id)
+    tick_until(deployment, lambda: deployment.status(run_id) == CANCELED, timeout=30)
+    assert any("killed" in m for m in deployment.engine_messages(run_id))

@@ -534,7 +534,9 @@ class Worker:
             self._pending_requests[request.run_id] = request
             self._wake.set()
             return
-        await self._ack(request.run_id, request.step_key, "", "not_running", "", request=request)
+        await self._ack(
+            request.run_id, request.step_key, "", "not_running", "", request=request, retry=False
+        )
 
     async def _ack(
         self,
@@ -545,8 +547,13 @@ class Worker:
         detail: str,
         held: HeldTask | None = None,
         request: CancelRequest | None = None,
+        retry: bool = True,
     ) -> None:
-        """Tell the reconciliation sensor what happened; a failed send is logged, never fatal."""
+        """Tell the reconciliation sensor what happened; a failed send is retried until shutdown.
+
+        Only ``not_running`` (an answer to a hint, counted and nothing else) is tried once: its
+        retries must not hold up the cancel loop.
+        """
         request = request or (held.request if held else None)
         ack = CancelAck(
             request_id=request.request_id if request else None,
@@ -560,13 +567,17 @@ class Worker:
             else (held.stop_started_at if held else None),
             detail=detail,
         )
+        send = self.broker.send_until_sent if retry else self.broker.send
         try:
-            await self.broker.send(
+            await send(
                 self.broker.names.acks,
                 self.codec.dumps(ack),
                 group_id=run_id,
                 dedup_id=uuid.uuid4().hex,
             )
+        except asyncio.CancelledError:
+            logger.error("Worker shut down before the %s ack for run %s was sent", outcome, run_id)
+            raise
         except Exception as exc:
             logger.warning("Could not send %s ack for run %s: %s", outcome, run_id, exc)
 

@@ -91,6 +91,26 @@ class CancellableSqsBroker(AsyncBroker):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
         await self._client.send_message(**kwargs)
 
+    async def send_until_sent(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
+        """``send``, retried with backoff until it succeeds or the caller is cancelled (shutdown).
+
+        The same deduplication id on every try, so a send that did arrive is not doubled.
+        """
+        backoff = _BACKOFF_START
+        while True:
+            try:
+                await self.send(name, body, group_id, dedup_id)
+                return
+            except _SQS_ERRORS as exc:
+                logger.warning(
+                    "Sending to %s failed, retrying in %ss: %s",
+                    name,
+                    backoff,
+                    describe_client_error(exc, self.settings),
+                )
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
     async def delete(self, name: str, receipt_handle: str) -> None:
         """Delete one message; a failure is logged, never raised: the message only comes back.
 

@@ -159,7 +159,15 @@ def purge(**overrides: Any) -> None:
 @settings_options
 def status(**overrides: Any) -> None:
     """Print visible and in-flight message counts per queue as JSON."""
-    click.echo(json.dumps(admin(SyncQueues.depths, overrides), indent=2))
+    depths, signed = admin(lambda q: (q.depths(), q.settings.signing_key is not None), overrides)
+    if not signed:
+        click.echo(
+            "Warning: no signing key is set (DAGSTER_TASKIQ_SIGNING_KEY): anyone who can send "
+            "to the queues can forge cancel requests and acks, and an ack can rewrite a "
+            "CANCELED run's status. Set one on every component in production.",
+            err=True,
+        )
+    click.echo(json.dumps(depths, indent=2))
 
 
 @main.command()

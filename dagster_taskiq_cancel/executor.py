@@ -13,9 +13,12 @@ from dagster_taskiq_cancel.step_handler import TaskiqStepHandler
 
 
 def _config_schema() -> dict[str, dg.Field]:
-    """Every settings field (optional, falling back to the launcher) plus the step limits."""
+    """The settings fields (optional, falling back to the launcher) plus the step limits.
+
+    The signing key is not among them: it comes from the launcher or the environment only.
+    """
     return {
-        **config_fields(),
+        **config_fields(secrets=False),
         "max_concurrent": dg.Field(
             int,
             is_required=False,

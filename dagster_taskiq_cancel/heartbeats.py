@@ -71,9 +71,14 @@ def worker_health(
 
 def staleness(instance: DagsterInstance, worker_id: str, timeout_seconds: float) -> str | None:
     """Why ``worker_id`` counts as dead ("last seen ..."); None while its heartbeat is fresh."""
-    last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
-    age = time.time() - float(last) if last else None
+    age = seconds_since_beat(instance, worker_id)
     if age is not None and age <= timeout_seconds:
         return None
     seen = f"{age:.0f}s ago" if age is not None else "never"
     return f"last seen {seen} (heartbeat_timeout_seconds={timeout_seconds:g})"
+
+
+def seconds_since_beat(instance: DagsterInstance, worker_id: str) -> float | None:
+    """How long ago ``worker_id`` last wrote its heartbeat; None if it never did."""
+    last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
+    return time.time() - float(last) if last else None

@@ -14,7 +14,7 @@ import math
 import re
 import time
 import uuid
-from typing import Literal, TypeVar
+from typing import ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +37,8 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True, allow_inf_nan=False)
 
     v: Literal[1] = 1
+    # Whether a signed copy expires after ``signature_max_age_seconds`` (replays of old ones).
+    expires: ClassVar[bool] = True
 
     def to_json(self) -> str:
         return self.model_dump_json()
@@ -56,7 +58,13 @@ class CancelRequest(_Message):
 
 
 class CancelAck(_Message):
-    """What a worker did about a run or step that is no longer live."""
+    """What a worker did about a run or step that is no longer live.
+
+    Never stale: it reports a fact, still true when the sensor reads it an hour late (the daemon
+    was down), and a replayed copy can only repeat it.
+    """
+
+    expires: ClassVar[bool] = False
 
     request_id: str | None = Field(default=None, max_length=128)
     run_id: str = Field(min_length=1, max_length=128)
@@ -76,8 +84,9 @@ class Codec:
     """Message bodies on the wire: plain JSON, or signed when a key is configured.
 
     A signed body is ``{"signed": <message JSON>, "ts": <epoch>, "mac": <hex>}`` with the
-    HMAC-SHA256 of ``"<ts>.<message JSON>"``. With a key, only fresh, well signed bodies are
-    accepted; without one, both forms are read as hints (the run storage decides anyway).
+    HMAC-SHA256 of ``"<ts>.<message JSON>"``. With a key, only well signed bodies are accepted
+    (of the kinds that expire, only fresh ones); without one, both forms are read as hints (the
+    run storage decides anyway).
     """
 
     def __init__(self, key: str | None = None, max_age_seconds: float = 300.0) -> None:
@@ -135,7 +144,7 @@ class Codec:
         if self._key is not None:
             if not hmac.compare_digest(mac, self._mac(ts, inner)):
                 raise MalformedMessage("bad signature")
-            if abs(time.time() - ts) > self.max_age_seconds:
+            if kind.expires and abs(time.time() - ts) > self.max_age_seconds:
                 raise MalformedMessage(f"stale signature ({time.time() - ts:.0f}s old)")
         return parse_message(kind, inner)
 

@@ -32,12 +32,21 @@ class TaskiqCancelResource(dg.ConfigurableResource, TaskiqCancelSettings):
 
     @classmethod
     def from_env(cls, **overrides: Any) -> TaskiqCancelResource:
-        """Pinned to the ``DAGSTER_TASKIQ_*`` variables of this process, then ``overrides``."""
-        return cls(**settings_from_env(overrides).model_dump(exclude_none=True))
+        """Pinned to the ``DAGSTER_TASKIQ_*`` variables of this process, then ``overrides``.
+
+        The signing key is given as an ``EnvVar``, so the UI shows the variable, not the key.
+        """
+        values = settings_from_env(overrides).model_dump(exclude_none=True)
+        if "signing_key" in values and "signing_key" not in overrides:
+            values["signing_key"] = dg.EnvVar(TaskiqCancelSettings.env_var("signing_key"))
+        return cls(**values)
 
     def given(self) -> dict[str, Any]:
-        """The fields set explicitly (in code or in the run's resource config)."""
-        return {name: getattr(self, name) for name in self.model_fields_set}
+        """The fields set explicitly (in code or in the run's resource config), ``EnvVar``s read."""
+        return {
+            name: value.get_value() if isinstance(value, dg.EnvVar) else value
+            for name, value in ((n, getattr(self, n)) for n in self.model_fields_set)
+        }
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """In a run or a sensor: resolve against the instance it runs on."""

@@ -4,21 +4,27 @@ Workers stop Dagster work; when Dagster's own interrupt handling cannot write th
 was SIGKILLed, or the run never started) the run stays CANCELING. Each tick this sensor reads the
 ``{queue}-cancel-acks`` queue, records every ack on its run as an engine event, ends CANCELING
 runs whose run task was confirmed stopped, and then marks CANCELED the CANCELING runs no worker
-confirmed within ``cancel_timeout_seconds``. It writes a status only while the run is still
-CANCELING (DESIGN rule 6: run status is last-write-wins).
+confirmed: only once the run's notice and grace plus ``cancel_timeout_seconds`` have passed and
+no live worker holds it. It writes a status only while the run is still CANCELING (DESIGN rule
+6: run status is last-write-wins).
+
+An ack is deleted only once it is applied (or proven useless: malformed, unknown run): one whose
+handling raised, say on a storage error, comes back ``RETRY_VISIBILITY_SECONDS`` later. However
+late an ack is read, it is still true, so acks never go stale (a daemon outage loses none).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import dagster as dg
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 
+from dagster_taskiq_cancel import heartbeats
 from dagster_taskiq_cancel.messages import (
     STOPPED_OUTCOMES,
     CancelAck,
@@ -27,7 +33,9 @@ from dagster_taskiq_cancel.messages import (
 )
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.resource import TaskiqCancelResource
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
+from dagster_taskiq_cancel.timing import stop_seconds
 
 CANCELING = dg.DagsterRunStatus.CANCELING
 ACK_BATCH = 10
@@ -37,6 +45,8 @@ DRAIN_WAIT_SECONDS = 1
 # Acks stay invisible this long while a tick handles them; one left undeleted comes back.
 ACK_VISIBILITY_SECONDS = 60
 EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
+# An ack whose handling failed (storage error) is offered again this soon, within the next tick.
+RETRY_VISIBILITY_SECONDS = 2
 
 _OUTCOME_TEXT = {
     "cancelled": "stopped by Dagster's interrupt",
@@ -57,6 +67,7 @@ class TickSummary:
     canceled: int = 0
     failed: int = 0
     timed_out: int = 0
+    holder_alive: int = 0
     errors: int = 0
 
     def text(self) -> str:
@@ -168,6 +179,25 @@ def _receive(queues: SyncQueues, max_messages: int, wait_seconds: int) -> list[d
     return response.get("Messages", [])
 
 
+def _retry_later(queues: SyncQueues, receipts: Sequence[str], log: logging.Logger) -> None:
+    """Offer acks that could not be applied again soon; if this fails too, they come back
+    after ``ACK_VISIBILITY_SECONDS``."""
+    if not receipts:
+        return
+    result = queues.call(
+        "change_message_visibility_batch",
+        QueueUrl=queues.url(queues.names.acks),
+        Entries=[
+            {"Id": str(i), "ReceiptHandle": r, "VisibilityTimeout": RETRY_VISIBILITY_SECONDS}
+            for i, r in enumerate(receipts)
+        ],
+    )
+    for failure in result.get("Failed", []):
+        log.warning(
+            "Could not hand back cancel ack: %s %s", failure.get("Code"), failure.get("Message")
+        )
+
+
 def _delete(queues: SyncQueues, receipts: Sequence[str], log: logging.Logger) -> None:
     if not receipts:
         return
@@ -188,13 +218,16 @@ def _handle_batch(
     messages: Sequence[Mapping[str, Any]],
     summary: TickSummary,
     log: logging.Logger,
-) -> None:
-    """Handle up to ten acks with one run query; delete those handled even if one raises.
+) -> set[str]:
+    """Handle up to ten acks with one run query; returns the run ids of acks left for later.
 
-    An ack whose handling raises is logged with its message id and deleted like the others (if
-    it ended nothing, the timeout still does): it must not fail every later tick.
+    Malformed acks and acks of unknown runs are deleted. An ack whose handling raises (the run
+    storage failed) is logged with its message id and left in the queue: deleting it would let
+    the timeout write CANCELED over what the worker reported (a failed cleanup, for one).
     """
     handled: list[str] = []
+    retry: list[str] = []
+    deferred: set[str] = set()
     acks: list[tuple[Mapping[str, Any], CancelAck]] = []
     codec = codec_for(queues.settings)
     for message in messages:
@@ -205,10 +238,18 @@ def _handle_batch(
             summary.malformed += 1
             handled.append(message["ReceiptHandle"])
     try:
-        run_ids = list({ack.run_id for _, ack in acks})
-        runs = (
-            {r.run_id: r for r in instance.get_runs(dg.RunsFilter(run_ids=run_ids))} if acks else {}
-        )
+        try:
+            run_ids = list({ack.run_id for _, ack in acks})
+            runs = (
+                {r.run_id: r for r in instance.get_runs(dg.RunsFilter(run_ids=run_ids))}
+                if acks
+                else {}
+            )
+        except Exception:
+            log.exception("Keeping %d cancel acks for a later tick: reading runs failed", len(acks))
+            summary.errors += len(acks)
+            retry = [message["ReceiptHandle"] for message, _ in acks]
+            return {ack.run_id for _, ack in acks}
         for message, ack in acks:
             run = runs.get(ack.run_id)
             if run is None:
@@ -223,12 +264,18 @@ def _handle_batch(
                     _apply_ack(instance, run, ack, summary)
                 except Exception:
                     log.exception(
-                        "Deleting cancel ack %s: handling it failed", message.get("MessageId")
+                        "Keeping cancel ack %s for a later tick: handling it failed",
+                        message.get("MessageId"),
                     )
                     summary.errors += 1
+                    retry.append(message["ReceiptHandle"])
+                    deferred.add(ack.run_id)
+                    continue
             handled.append(message["ReceiptHandle"])
     finally:
         _delete(queues, handled, log)
+        _retry_later(queues, retry, log)
+    return deferred
 
 
 def reconcile_acks(
@@ -238,21 +285,23 @@ def reconcile_acks(
     wait_seconds: int,
     summary: TickSummary,
     log: logging.Logger,
-) -> None:
+) -> set[str]:
     """Read acks until the queue is drained or ``max_acks`` were received.
 
     The first receive long-polls ``wait_seconds`` so that an idle tick costs one request and an
-    ack arriving meanwhile is handled at once.
+    ack arriving meanwhile is handled at once. Returns the run ids of acks left for later.
     """
     received = 0
     wait = wait_seconds
+    deferred: set[str] = set()
     while received < max_acks:
         messages = _receive(queues, min(ACK_BATCH, max_acks - received), wait)
         if not messages:
-            return
+            break
         received += len(messages)
-        _handle_batch(instance, queues, messages, summary, log)
+        deferred |= _handle_batch(instance, queues, messages, summary, log)
         wait = DRAIN_WAIT_SECONDS
+    return deferred
 
 
 def canceling_since(instance: dg.DagsterInstance, record: dg.RunRecord) -> float:
@@ -270,33 +319,51 @@ def canceling_since(instance: dg.DagsterInstance, record: dg.RunRecord) -> float
 
 
 def time_out_silent_cancels(
-    instance: dg.DagsterInstance, timeout_seconds: float, summary: TickSummary
+    instance: dg.DagsterInstance,
+    settings: TaskiqCancelSettings,
+    summary: TickSummary,
+    pending: Collection[str] = (),
 ) -> None:
-    """Mark CANCELED the runs CANCELING for ``timeout_seconds`` with no confirming ack.
+    """Mark CANCELED the CANCELING runs no worker confirmed, and none can confirm any more.
 
-    Acks are read first in each tick, so a run still CANCELING here had no run-task stop ack.
+    A run waits its own notice and grace (what its worker gives the stop before SIGKILL) plus
+    ``cancel_timeout_seconds``; after that, still as long as the worker holding it beats (it may
+    still be stopping, and its ack is retried until sent). Acks are read first in each tick, so
+    a run still CANCELING here had no run-task stop ack, unless its ack is ``pending`` (kept for
+    a later tick after a storage error).
     """
     records = instance.get_run_records(filters=dg.RunsFilter(statuses=[CANCELING]))
     now = time.time()
     for record in records:
+        run_id = record.dagster_run.run_id
+        timeout = stop_seconds(record.dagster_run.tags, settings) + settings.cancel_timeout_seconds
         waited = now - canceling_since(instance, record)
-        if waited < timeout_seconds:
+        if waited < timeout or run_id in pending:
             continue
-        run = _still_canceling(instance, record.dagster_run.run_id)
+        run = _still_canceling(instance, run_id)
         if run is None:
             continue
         holder = run.tags.get(WORKER_ID_TAG)
-        who = f"worker {holder} last held it" if holder else "no worker had started it"
+        age = heartbeats.seconds_since_beat(instance, holder) if holder else None
+        if age is not None and age <= settings.heartbeat_timeout_seconds:
+            summary.holder_alive += 1
+            continue
+        if holder:
+            seen = f"{age:.0f}s ago" if age is not None else "never"
+            who = f"worker {holder} last held it and was last seen {seen}"
+        else:
+            who = "no worker had started it"
         _record(
             instance,
             run,
-            f"No worker confirmed the stop within {timeout_seconds:g}s of the cancel request "
-            f"({who}); marking the run CANCELED. Check that its processes are gone.",
+            f"No worker confirmed the stop within {timeout:g}s of the cancel request "
+            f"(the run's notice and grace plus cancel_timeout_seconds; {who}); marking the run "
+            "CANCELED. Check that its processes are gone.",
             {"worker_id": holder, "waited_seconds": round(waited, 3)},
             level=logging.WARNING,
         )
         instance.report_run_canceled(
-            run, message=f"No worker confirmed the stop within {timeout_seconds:g}s."
+            run, message=f"No worker confirmed the stop within {timeout:g}s."
         )
         summary.timed_out += 1
 
@@ -323,7 +390,7 @@ def build_cancel_reconciliation_sensor(
     )
     def _sensor(context: dg.SensorEvaluationContext, taskiq: TaskiqCancelResource) -> dg.SkipReason:
         summary = TickSummary()
-        reconcile_acks(
+        pending = reconcile_acks(
             context.instance,
             taskiq.queues,
             max_acks_per_tick,
@@ -331,7 +398,7 @@ def build_cancel_reconciliation_sensor(
             summary,
             context.log,
         )
-        time_out_silent_cancels(context.instance, taskiq.settings.cancel_timeout_seconds, summary)
+        time_out_silent_cancels(context.instance, taskiq.settings, summary, pending)
         return dg.SkipReason(summary.text())
 
     return _sensor

@@ -112,7 +112,10 @@ class TaskiqCancelSettings(dg.Config):
     cancel_timeout_seconds: float = Field(
         default=120.0,
         gt=0,
-        description="A CANCELING run with no worker acknowledgement is marked CANCELED after this.",
+        description=(
+            "A CANCELING run with no worker acknowledgement is marked CANCELED this long after "
+            "its notice and grace ran out, once no live worker (fresh heartbeat) holds it."
+        ),
     )
 
     signing_key: str | None = Field(
@@ -124,7 +127,11 @@ class TaskiqCancelSettings(dg.Config):
         ),
     )
     signature_max_age_seconds: float = Field(
-        default=300.0, gt=0, description="Signed messages older than this are rejected as stale."
+        default=300.0,
+        gt=0,
+        description=(
+            "Signed cancel requests older than this are rejected as stale (acks never expire)."
+        ),
     )
 
     @classmethod
@@ -133,16 +140,21 @@ class TaskiqCancelSettings(dg.Config):
         return f"{ENV_PREFIX}{field_name.upper()}"
 
 
-def config_fields() -> dict[str, dg.Field]:
+# Never in run config: run config is stored with the run and shown in the UI and over GraphQL.
+SECRET_FIELDS = frozenset({"signing_key"})
+
+
+def config_fields(secrets: bool = True) -> dict[str, dg.Field]:
     """The settings as Dagster config fields, all optional with no default filled in.
 
-    Used by the launcher's ``config_type()`` and the executor's schema: what a user leaves out
-    then falls back to the environment (and, for the executor, to the launcher's settings)
-    instead of being pinned to the class default.
+    Used by the launcher's ``config_type()`` and (without ``secrets``) the executor's schema:
+    what a user leaves out then falls back to the environment (and, for the executor, to the
+    launcher's settings) instead of being pinned to the class default.
     """
     return {
         name: dg.Field(field.config_type, is_required=False, description=field.description)
         for name, field in TaskiqCancelSettings.to_fields_dict().items()
+        if secrets or name not in SECRET_FIELDS
     }
 
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
 
+import pytest
+
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
+from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -107,3 +111,33 @@ def test_cancel_without_dagster_home_says_it_needs_the_runs_instance() -> None:
     assert line.startswith("Error: DAGSTER_HOME is not set: `cancel` needs it"), line
     assert "the instance your runs live in" in line
     assert "workers" not in line
+
+
+@pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
+def test_workers_parent_exits_non_zero_at_once_when_a_child_dies(deployment: Deployment) -> None:
+    parent = deployment.start_worker("--workers", "2")
+    wait_for(lambda: deployment.worker_log(0).count(" ready") == 2, 60, "both children ready")
+    children = child_pids(parent.pid, "dagster_taskiq_cancel")
+    assert len(children) == 2
+    try:
+        os.kill(children[0], signal.SIGKILL)
+        wait_for(lambda: parent.poll() is not None, 30, "the parent to exit")
+        assert parent.returncode != 0
+        wait_for(lambda: not pid_alive(children[1]), 10, "the other child stopped")
+    finally:
+        for pid in children:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_queues_status_warns_when_no_signing_key_is_set(sqs_server: LocalSqsServer) -> None:
+    args = ("queues", "status", "--endpoint-url", sqs_server.endpoint_url)
+    assert cli("queues", "create", *args[2:]).returncode == 0
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_TASKIQ_SIGNING_KEY"}
+    unsigned = cli(*args, env=env)
+    assert unsigned.returncode == 0, unsigned.stderr
+    assert "no signing key" in unsigned.stderr
+    signed = cli(*args, env={**env, "DAGSTER_TASKIQ_SIGNING_KEY": "team-secret"})
+    assert signed.returncode == 0, signed.stderr
+    assert "signing key" not in signed.stderr
+    assert "team-secret" not in signed.stdout + signed.stderr

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
+from dagster_taskiq_cancel import TaskiqCancelResource, taskiq_executor
 from dagster_taskiq_cancel.launcher import TaskiqRunLauncher
 from dagster_taskiq_cancel.messages import (
     CancelAck,
@@ -124,3 +126,15 @@ def test_signing_key_is_never_shown() -> None:
     settings = TaskiqCancelSettings(signing_key="s3cret")
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in str(settings)
+
+
+def test_the_signing_key_is_never_run_config_nor_a_literal_resource_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run config and literal resource values are shown in the UI and over GraphQL."""
+    assert "signing_key" not in taskiq_executor.config_schema.as_field().config_type.fields
+    monkeypatch.setenv("DAGSTER_TASKIQ_SIGNING_KEY", "team-secret")
+    resource = TaskiqCancelResource.from_env()
+    assert isinstance(resource.signing_key, dg.EnvVar)
+    assert "team-secret" not in repr(dict(resource))  # the field values the UI shows
+    assert resource.settings.signing_key == "team-secret"

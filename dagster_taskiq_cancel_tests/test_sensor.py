@@ -7,13 +7,23 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import dagster as dg
+import pytest
 from dagster import DagsterEventType, DagsterRunStatus
+from sqlalchemy.exc import OperationalError
 
-from dagster_taskiq_cancel import TaskiqCancelResource, cancel_reconciliation_sensor
-from dagster_taskiq_cancel.messages import CancelAck
+from dagster_taskiq_cancel import (
+    TaskiqCancelResource,
+    build_cancel_reconciliation_sensor,
+    cancel_reconciliation_sensor,
+    heartbeats,
+)
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer
+from dagster_taskiq_cancel.messages import CancelAck, Codec
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
 from dagster_taskiq_cancel_tests.jobs import sleepy_job, stubborn_job
 from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
@@ -22,25 +32,37 @@ CANCELED = DagsterRunStatus.CANCELED
 SENSOR = "dagster_taskiq_cancel reconciliation sensor: "
 
 
-def tick(deployment: Deployment, **resource_fields: Any) -> str:
+# Ticks of about a second, for tests that watch clocks of a few seconds.
+quick_sensor = build_cancel_reconciliation_sensor(ack_wait_seconds=1)
+
+
+def tick(
+    deployment: Deployment,
+    sensor: dg.SensorDefinition = cancel_reconciliation_sensor,
+    **resource_fields: Any,
+) -> str:
     """Evaluate the sensor once, as the daemon would, and return its skip message."""
     fields = {**deployment.settings.model_dump(exclude_none=True), **resource_fields}
     context = dg.build_sensor_context(
         instance=deployment.instance, resources={"taskiq": TaskiqCancelResource(**fields)}
     )
-    result = cancel_reconciliation_sensor(context)
+    result = sensor(context)
     assert isinstance(result, dg.SkipReason)
     return result.skip_message or ""
 
 
 def tick_until(
-    deployment: Deployment, done: Callable[[], bool], timeout: float = 60, **resource_fields: Any
+    deployment: Deployment,
+    done: Callable[[], bool],
+    timeout: float = 60,
+    sensor: dg.SensorDefinition = cancel_reconciliation_sensor,
+    **resource_fields: Any,
 ) -> list[str]:
     """Evaluate the sensor until ``done()``; each tick long-polls, so this never spins."""
     summaries: list[str] = []
 
     def one_tick() -> bool:
-        summaries.append(tick(deployment, **resource_fields))
+        summaries.append(tick(deployment, sensor, **resource_fields))
         return done()
 
     wait_for(one_tick, timeout, "sensor to reconcile", interval=0)
@@ -200,3 +222,116 @@ def test_resource_cancel_run_records_intent_then_hints_like_terminate(
     assert deployment.status(run_id) == DagsterRunStatus.CANCELING
     assert deployment.queues.depths()[taskiq.queue_names.cancels]["visible"] == 1
     assert not taskiq.cancel_run(deployment.instance, "no-such-run", reason="test")
+
+
+def test_timeout_waits_for_the_runs_notice_and_grace(deployment: Deployment) -> None:
+    """Nobody holds the run: the timeout counts from the end of its notice and grace."""
+    timing = {"dagster-taskiq/notice_seconds": "3", "dagster-taskiq/grace_seconds": "1"}
+    run_id = deployment.create_run(sleepy_job, tags=timing).run_id
+    started = time.monotonic()
+    set_canceling(deployment, run_id)
+    wait_for(lambda: time.monotonic() - started > 1.5, 5, "the bare 1 s timeout to pass")
+    tick(deployment, quick_sensor, cancel_timeout_seconds=1)
+    assert deployment.status(run_id) == DagsterRunStatus.CANCELING, "notice + grace not over"
+
+    tick_until(
+        deployment,
+        lambda: deployment.status(run_id) == CANCELED,
+        sensor=quick_sensor,
+        cancel_timeout_seconds=1,
+    )
+    assert time.monotonic() - started >= 3 + 1 + 1
+
+
+def test_no_timeout_while_the_holding_worker_is_alive(deployment: Deployment) -> None:
+    """A fresh heartbeat from the holder means its processes may still be stopping."""
+    run_id = deployment.create_run(sleepy_job, tags={"dagster-taskiq/grace_seconds": "0"}).run_id
+    deployment.instance.add_run_tags(run_id, {WORKER_ID_TAG: "host-c:7"})
+    set_canceling(deployment, run_id)
+    fields: dict[str, Any] = {"cancel_timeout_seconds": 0.5, "heartbeat_timeout_seconds": 3}
+    started = time.monotonic()
+    summaries: list[str] = []
+    while time.monotonic() - started < 2:
+        last_beat = time.monotonic()
+        heartbeats.beat(deployment.instance, "host-c:7")
+        summaries.append(tick(deployment, quick_sensor, **fields))
+        assert deployment.status(run_id) == DagsterRunStatus.CANCELING, summaries
+    assert count(summaries, "holder alive") >= 1
+
+    tick_until(
+        deployment, lambda: deployment.status(run_id) == CANCELED, sensor=quick_sensor, **fields
+    )
+    assert time.monotonic() - last_beat >= 3, "only once the heartbeat went stale"
+
+
+def sign_at(codec: Codec, message: CancelAck, at: float) -> str:
+    """``message`` signed as if at ``at`` (the ack was sent then and waited in SQS since)."""
+    with mock.patch("dagster_taskiq_cancel.messages.time.time", return_value=at):
+        return codec.dumps(message)
+
+
+def test_signed_ack_from_an_hour_ago_still_ends_the_run(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """A daemon outage of an hour loses no ack; a badly signed one is still set aside."""
+    deployment = Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret")
+    try:
+        run_id = deployment.create_run(sleepy_job).run_id
+        set_canceling(deployment, run_id)
+        ack = CancelAck(
+            run_id=run_id, task_id=run_id, worker_id="w", outcome="cleanup_failed", detail="gone"
+        )
+        hour_ago = time.time() - 3700
+        send_ack(deployment, sign_at(Codec("team-secret"), ack, hour_ago))
+        send_ack(deployment, sign_at(Codec("wrong-key"), ack, time.time()))
+        summaries = tick_until(deployment, lambda: acks_queue_empty(deployment))
+        assert count(summaries, "malformed") == 1
+        assert deployment.status(run_id) == DagsterRunStatus.FAILURE
+    finally:
+        deployment.stop()
+
+
+def test_ack_whose_storage_write_fails_is_kept_and_applied_later(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient storage error leaves the ack for redelivery: the run ends FAILURE, as the
+    failed cleanup says, and is never marked CANCELED meanwhile."""
+    run_id = deployment.create_run(sleepy_job, tags={"dagster-taskiq/grace_seconds": "0"}).run_id
+    set_canceling(deployment, run_id)
+    ack = CancelAck(run_id=run_id, task_id=run_id, worker_id="w", outcome="cleanup_failed")
+    send_ack(deployment, ack.to_json())
+    report_run_failed = deployment.instance.report_run_failed
+    failures = iter([OperationalError("INSERT", {}, Exception("database is locked"))])
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return report_run_failed(*args, **kwargs)
+
+    monkeypatch.setattr(deployment.instance, "report_run_failed", flaky)
+    summaries = tick_until(
+        deployment,
+        lambda: deployment.status(run_id) != DagsterRunStatus.CANCELING,
+        cancel_timeout_seconds=0.1,
+    )
+    assert count(summaries, "errors") == 1
+    assert deployment.status(run_id) == DagsterRunStatus.FAILURE
+    canceled = deployment.instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.RUN_CANCELED
+    ).records
+    assert canceled == []
+    assert acks_queue_empty(deployment)
+
+
+def test_worker_retries_an_ack_send_that_fails(deployment: Deployment) -> None:
+    deployment.env["FLAKY_ACK_FAILURES"] = "2"
+    deployment.start_worker(
+        "--grace-seconds", "1", module="dagster_taskiq_cancel_tests.flaky_acks_worker"
+    )
+    run_id = deployment.launch(stubborn_job, seconds=120)
+    deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    assert deployment.instance.run_launcher.terminate(run_id)
+    tick_until(deployment, lambda: deployment.status(run_id) == CANCELED, timeout=30)
+    assert any("killed" in m for m in deployment.engine_messages(run_id))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -115,17 +116,44 @@ def _failure(worker: Worker, loops: Mapping[asyncio.Task[None], str]) -> str | N
 
 
 def run_processes(argv: Sequence[str], count: int) -> int:
-    """Run ``count`` worker processes with ``argv``; forward SIGTERM/SIGINT; wait for all."""
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "dagster_taskiq_cancel", *argv])
-        for _ in range(count)
-    ]
+    """Run ``count`` worker processes with ``argv``; forward SIGTERM/SIGINT; wait for all.
+
+    A child that exits while nobody asked it to (crash, OOM kill) is not left unnoticed: the
+    others are stopped as by SIGTERM (drained) and the parent exits non-zero at once, for its
+    supervisor to restart the whole set.
+    """
+    procs = {
+        proc.pid: proc
+        for proc in (
+            subprocess.Popen([sys.executable, "-m", "dagster_taskiq_cancel", *argv])
+            for _ in range(count)
+        )
+    }
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
-        for proc in procs:
+        nonlocal stopping
+        stopping = True
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return max(proc.wait() for proc in procs)
+    worst = 0
+    while any(proc.returncode is None for proc in procs.values()):
+        pid, status = os.waitpid(-1, 0)
+        proc = procs.get(pid)
+        if proc is None:
+            continue
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if not stopping:
+            logger.error(
+                "Worker process %s exited unexpectedly (code %s); stopping the others",
+                pid,
+                proc.returncode,
+            )
+            worst = max(worst, 1)
+            forward(signal.SIGTERM, None)
+        worst = max(worst, proc.returncode if proc.returncode > 0 else int(proc.returncode != 0))
+    return worst

@@ -17,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import os
 import shutil
 import signal
@@ -57,11 +56,11 @@ from dagster_taskiq_cancel.tasks import (
     EXECUTE_STEP,
     RELEASED_TAG,
     RESUME_RUN,
-    TAG_PREFIX,
     TASK_ID_TAG,
     WORKER_ID_TAG,
     claim_tag,
 )
+from dagster_taskiq_cancel.timing import finite_seconds, tag_seconds
 from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.authority import (
     RUN_STARTABLE,
@@ -78,9 +77,6 @@ logger = logging.getLogger(__name__)
 
 _CLAIM_EVENT = "Run task claimed by"
 _RECENT_TASKS = 10_000
-# Stop times from tags and requests are clamped: an infinite or huge value would mean a stop
-# that never reaches SIGKILL.
-MAX_STOP_SECONDS = 3600.0
 _CONTEXT: Any = TaskiqDepends()  # taskiq injects the message context here
 
 
@@ -630,17 +626,8 @@ class Worker:
         trusted = held.request if held.request and self.codec.signed else None
         requested = getattr(trusted, name, None)
         if requested is not None:
-            return min(float(requested), MAX_STOP_SECONDS)
-        tag = held.tags.get(f"{TAG_PREFIX}{name}")
-        if tag is not None:
-            try:
-                value = float(tag)
-            except ValueError:
-                value = math.nan
-            if math.isfinite(value):
-                return min(max(0.0, value), MAX_STOP_SECONDS)
-            logger.warning("Ignoring run tag %s%s=%r: not a finite number", TAG_PREFIX, name, tag)
-        return float(getattr(self.settings, name))
+            return finite_seconds(float(requested))  # the message model refuses inf and NaN
+        return tag_seconds(held.tags, name, float(getattr(self.settings, name)))
 
     async def _interrupt(self, held: HeldTask, notice: float, grace: float) -> None:
         if notice > 0 and await self._exits_within(held, notice):
@@ -703,7 +690,9 @@ class Worker:
             self._pending_requests[request.run_id] = request
             self._wake.set()
             return
-        await self._ack(request.run_id, request.step_key, "", "not_running", "", request=request)
+        await self._ack(
+            request.run_id, request.step_key, "", "not_running", "", request=request, retry=False
+        )
 
     async def _ack(
         self,
@@ -714,8 +703,13 @@ class Worker:
         detail: str,
         held: HeldTask | None = None,
         request: CancelRequest | None = None,
+        retry: bool = True,
     ) -> None:
-        """Tell the reconciliation sensor what happened; a failed send is logged, never fatal."""
+        """Tell the reconciliation sensor what happened; a failed send is retried until shutdown.
+
+        Only ``not_running`` (an answer to a hint, counted and nothing else) is tried once: its
+        retries must not hold up the cancel loop.
+        """
         request = request or (held.request if held else None)
         ack = CancelAck(
             request_id=request.request_id if request else None,
@@ -729,13 +723,17 @@ class Worker:
             else (held.stop_started_at if held else None),
             detail=detail,
         )
+        send = self.broker.send_until_sent if retry else self.broker.send
         try:
-            await self.broker.send(
+            await send(
                 self.broker.names.acks,
                 self.codec.dumps(ack),
                 group_id=run_id,
                 dedup_id=uuid.uuid4().hex,
             )
+        except asyncio.CancelledError:
+            logger.error("Worker shut down before the %s ack for run %s was sent", outcome, run_id)
+            raise
         except Exception as exc:
             logger.warning("Could not send %s ack for run %s: %s", outcome, run_id, exc)
 

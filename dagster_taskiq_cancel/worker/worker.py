@@ -97,8 +97,7 @@ class HeldTask:
     before_start: bool = False  # killed before Dagster started the run: none of it ran
     start_checked: bool = False  # run task: event log checked for a cancel RUN_START overwrote
     ended_since: float | None = None  # when the run was first seen ended while this still ran
-    superseded: bool = False  # killed because another worker may run it now (fencing)
-    fenced_because: str = ""
+    fenced_because: str | None = None  # killed as another worker may run it now (fencing)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -169,7 +168,7 @@ class Worker:
         A resume task (run monitoring found the run's worker dead) starts a STARTED run again
         with `dagster api resume_run`; a run task starts only a run that has not started. The
         message was deleted on receipt, so a failure before the child starts is recorded in the
-        run (``_record_failed_start``) rather than left for a timeout.
+        run (``_fail_task``) rather than left for a timeout.
         """
         if task_id in self.broker.released:
             logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
@@ -232,7 +231,7 @@ class Worker:
                     run.status.value,
                 )
                 return None
-            if not self._claim(run_id, task_id):
+            if not self._claim(run, task_id):
                 logger.info("Dropping task %s: another worker claimed it", task_id)
                 return None
             args = step_args(self.instance, run, step_key, attempt)
@@ -248,7 +247,7 @@ class Worker:
             )
             return None
         startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE
-        if run.status not in startable or not self._claim(run_id, task_id):
+        if run.status not in startable or not self._claim(run, task_id):
             logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
             return None
         args_type = ResumeRunArgs if resume else ExecuteRunArgs
@@ -318,20 +317,21 @@ class Worker:
         while len(self._recent) > _RECENT_TASKS:
             self._recent.popitem(last=False)
 
-    def _claim(self, run_id: str, task_id: str) -> bool:
+    def _claim(self, run: DagsterRun, task_id: str) -> bool:
         """Claim a task for this worker; of concurrent claims, the first in the event log wins.
 
         A tag written and read back is not enough: two workers that receive copies of the task
         at the same moment both write the tag and may each read back their own. The event log
         orders entries by storage id, so every claimer agrees on which claim came first. Each
         resume attempt and each step attempt is a task of its own, with its own claim; only a
-        run or resume claim makes this worker the run's holder (``WORKER_ID_TAG``).
+        run or resume claim makes this worker the run's holder (``WORKER_ID_TAG``). ``run`` is
+        the record just read by ``_prepare``.
         """
+        run_id = run.run_id
         token = f"{self.worker_id}/{uuid.uuid4().hex}"
         tag = claim_tag(run_id, task_id)
         event = _CLAIM_EVENT if task_id == run_id else f"Task {task_id} claimed by"
-        run = self.instance.get_run_by_id(run_id)
-        if run is None or tag in run.tags:
+        if tag in run.tags:
             return False
         self.instance.report_engine_event(f"{event} {token}.", run)
         events = self.instance.get_records_for_run(
@@ -375,7 +375,7 @@ class Worker:
             # The run storage decides the run's status anyway; the ack must still go out.
             logger.exception("Could not settle the run of task %s", task_id)
             cleanup = False
-        if not held.cancel or held.superseded:
+        if not held.cancel or held.fenced_because is not None:
             return  # finished on its own, or stopped by a drain: no ack, and never a cleanup
         outcome: Outcome = "killed" if held.killed else "cancelled"
         detail = f"exit code {returncode}"
@@ -423,7 +423,7 @@ class Worker:
         it CANCELED, as asked. A run process that died without ending a run nobody cancelled
         (OOM kill, crash) fails the run. A superseded task (fenced off) leaves the run alone.
         """
-        if held.superseded:
+        if held.fenced_because is not None:
             self._record_fence(held)
             return False
         run = self.instance.get_run_by_id(held.run_id)
@@ -524,10 +524,10 @@ class Worker:
         """SIGKILL held work that another worker may be running now: no interrupt, as Dagster's
         run process would write the run's failure into a run that lives on elsewhere."""
         for held in [only] if only else list(self.held.values()):
-            if held.superseded:
+            if held.fenced_because is not None:
                 continue
             logger.critical("Killing task %s of run %s: %s", held.task_id, held.run_id, why)
-            held.superseded = held.killed = True
+            held.killed = True
             held.fenced_because = why
             asyncio.get_running_loop().create_task(self._kill(held))
 

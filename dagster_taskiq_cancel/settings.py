@@ -244,16 +244,16 @@ def resolve_settings(
     launcher, executor and worker at once, or from the environment when the instance uses another
     launcher; then ``overrides`` (None values skipped) win.
     """
-    from dagster_taskiq_cancel.launcher import TaskiqRunLauncher  # the launcher imports us
-
     try:
         launcher = instance.run_launcher
     except DagsterInvalidConfigError as exc:
         raise SettingsError(launcher_config_problems(exc)) from None
-    if not isinstance(launcher, TaskiqRunLauncher):
+    # Any launcher that carries these settings (ours does): settings do not know the launcher.
+    configured = getattr(launcher, "settings", None)
+    if not isinstance(configured, TaskiqCancelSettings):
         return settings_from_env(overrides)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return build_settings({**launcher.settings.model_dump(), **given})
+    return build_settings({**configured.model_dump(), **given})
 
 
 def current_settings(overrides: Mapping[str, Any] | None = None) -> TaskiqCancelSettings:

@@ -28,13 +28,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "postgres: also run the test on a private PostgreSQL cluster (moto only)"
     )
+    config.addinivalue_line(
+        "markers", "moto_only: run the test on moto alone (see stack.MOTO_ONLY)"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    """Give ``postgres`` tests their variants as a parametrize mark, before pytest reads the
-    marks and the fixtures' own params (a mark takes precedence over ``sqs_server``'s)."""
+    """Give ``moto_only`` and ``postgres`` tests their variants as parametrize marks, before
+    pytest reads the marks and the fixtures' own params (a mark takes precedence over
+    ``sqs_server``'s)."""
     definition = metafunc.definition
+    if definition.get_closest_marker("moto_only") and "sqs_server" in metafunc.fixturenames:
+        definition.add_marker(pytest.mark.parametrize("sqs_server", ["moto"], indirect=True))
     if definition.get_closest_marker("postgres") is None:
         return
     pinned = any("sqs_server" in str(m.args[0]) for m in definition.iter_markers("parametrize"))

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import yaml
 from dagster import (
     DagsterEvent,
@@ -33,6 +34,11 @@ from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import TASK_ID_TAG, run_task_message
 
 T = TypeVar("T")
+
+# Every test whose subject is SQS runs on both servers (moto and ministack). A test whose subject
+# is the worker, Dagster or the sensor's logic crosses only SQS paths those tests cover, so it runs
+# on moto alone: the suite keeps its 40-minute budget on a 2-core machine.
+MOTO_ONLY = pytest.mark.moto_only
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:

@@ -35,7 +35,7 @@ from dagster_taskiq_cancel.tasks import (
     step_task_message,
 )
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_sensor import (
     acks_queue_empty,
     count,
@@ -370,6 +370,7 @@ def test_one_batch_with_pathological_acks_still_ends_its_valid_run(
     assert all(message_id in caplog.text for message_id in ids)
 
 
+@MOTO_ONLY
 @pytest.mark.parametrize("loop", ["listen", "poll_loop", "cancel_loop"])
 def test_a_worker_whose_loop_dies_stops_its_work_and_exits_non_zero(
     deployment: Deployment, loop: str

@@ -22,6 +22,7 @@ from dagster_taskiq_cancel import EmptyFilterError, TaskiqCancelResource, cancel
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
     Deployment,
     create_pending_runs,
     main_queue_empty,
@@ -128,6 +129,7 @@ def test_bulk_cancel_by_tag_stops_queued_waiting_and_running_runs(deployment: De
     assert not success
 
 
+@MOTO_ONLY
 def test_every_cancel_path_records_who_why_and_when(deployment: Deployment) -> None:
     """Terminate from the webserver says "ui"; the resource and bulk cancel name their caller."""
     terminated, by_resource, by_bulk = (
@@ -172,7 +174,7 @@ def test_every_cancel_path_records_who_why_and_when(deployment: Deployment) -> N
         cancel_runs(deployment.instance, statuses=[DagsterRunStatus.STARTED])
 
 
-@pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
+@MOTO_ONLY
 def test_one_thousand_pending_runs_are_cancelled_and_none_starts(
     tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> None:

@@ -9,10 +9,8 @@ import subprocess
 import sys
 import uuid
 
-import pytest
-
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
-from dagster_taskiq_cancel_tests.stack import Deployment, child_pids, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, child_pids, pid_alive, wait_for
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -113,7 +111,7 @@ def test_cancel_without_dagster_home_says_it_needs_the_runs_instance() -> None:
     assert "workers" not in line
 
 
-@pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
+@MOTO_ONLY
 def test_workers_parent_exits_non_zero_at_once_when_a_child_dies(deployment: Deployment) -> None:
     parent = deployment.start_worker("--workers", "2")
     wait_for(lambda: deployment.worker_log(0).count(" ready") == 2, 60, "both children ready")

@@ -13,7 +13,13 @@ from dagster._daemon.monitoring.run_monitoring import monitor_started_run
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, MotoServer
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
+from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
+    Deployment,
+    pid_alive,
+    stop_process,
+    wait_for,
+)
 
 
 def monitor(deployment: Deployment, run_id: str) -> bool:
@@ -24,6 +30,7 @@ def monitor(deployment: Deployment, run_id: str) -> bool:
     return deployment.status(run_id) == DagsterRunStatus.FAILURE
 
 
+@MOTO_ONLY
 def test_killed_worker_fails_the_run_through_run_monitoring_and_nothing_runs_twice(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
@@ -50,6 +57,7 @@ def test_killed_worker_fails_the_run_through_run_monitoring_and_nothing_runs_twi
         deployment.stop()
 
 
+@MOTO_ONLY
 def test_run_process_that_dies_fails_the_run(deployment: Deployment) -> None:
     deployment.start_worker()
     run_id = deployment.launch(sleepy_job, seconds=300)
@@ -60,6 +68,7 @@ def test_run_process_that_dies_fails_the_run(deployment: Deployment) -> None:
     assert any("exited with code -9" in m for m in deployment.engine_messages(run_id))
 
 
+@MOTO_ONLY
 def test_sigterm_drains_then_stops_and_says_so(deployment: Deployment) -> None:
     worker = deployment.start_worker()
     run_id = deployment.launch(sleepy_job, seconds=300)

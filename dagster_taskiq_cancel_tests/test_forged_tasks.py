@@ -27,7 +27,9 @@ from dagster_taskiq_cancel.tasks import (
     step_task_message,
 )
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, wait_for
+
+pytestmark = MOTO_ONLY
 
 
 def _with(body: str, **changes: Any) -> str:

@@ -13,7 +13,9 @@ from dagster_taskiq_cancel_tests.jobs import (
     polite_job,
     sleepy_job,
 )
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
+
+pytestmark = MOTO_ONLY
 
 NOTICE = {"dagster-taskiq/notice_seconds": "20"}
 

@@ -10,8 +10,16 @@ from typing import Any
 from dagster import DagsterRunStatus
 
 from dagster_taskiq_cancel_tests.jobs import multiprocess_job, session_spawner_job
-from dagster_taskiq_cancel_tests.stack import Deployment, descendant_pids, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
+    Deployment,
+    descendant_pids,
+    pid_alive,
+    wait_for,
+)
 from dagster_taskiq_cancel_tests.test_graceful import reconcile_until
+
+pytestmark = MOTO_ONLY
 
 
 def _start(deployment: Deployment) -> tuple[str, set[int]]:

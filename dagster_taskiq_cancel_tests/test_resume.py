@@ -18,7 +18,9 @@ from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_ite
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, claim_tag, resume_task_id
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for, worker_pid
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for, worker_pid
+
+pytestmark = MOTO_ONLY
 
 STARTED = DagsterRunStatus.STARTED
 

@@ -18,8 +18,10 @@ from dagster._daemon.auto_run_reexecution.auto_run_reexecution import (
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel_tests.jobs import broken_cleanup_job, failing_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_sensor import tick_until
+
+pytestmark = MOTO_ONLY
 
 FAILURE = DagsterRunStatus.FAILURE
 

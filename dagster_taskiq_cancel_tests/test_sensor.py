@@ -26,7 +26,7 @@ from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import CancelAck, Codec
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
 from dagster_taskiq_cancel_tests.jobs import sleepy_job, stubborn_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 
 CANCELED = DagsterRunStatus.CANCELED
 SENSOR = "dagster_taskiq_cancel reconciliation sensor: "
@@ -103,6 +103,7 @@ def test_killed_run_ends_canceled_from_the_workers_ack(deployment: Deployment) -
     assert any("killed" in m for m in deployment.engine_messages(run_id))
 
 
+@MOTO_ONLY
 def test_run_cancelled_before_it_started_is_skipped_and_ends_canceled(
     deployment: Deployment,
 ) -> None:
@@ -117,6 +118,7 @@ def test_run_cancelled_before_it_started_is_skipped_and_ends_canceled(
     assert deployment.executions(run_id) == 0
 
 
+@MOTO_ONLY
 def test_cancel_nobody_confirms_times_out_with_a_warning(deployment: Deployment) -> None:
     run_id = deployment.launch(sleepy_job)
     deployment.instance.add_run_tags(run_id, {WORKER_ID_TAG: "host-a:123"})
@@ -138,6 +140,7 @@ def test_cancel_nobody_confirms_times_out_with_a_warning(deployment: Deployment)
     ), warnings
 
 
+@MOTO_ONLY
 def test_acks_never_overwrite_a_status_other_than_canceling(deployment: Deployment) -> None:
     deployment.start_worker()
     canceled = deployment.launch(sleepy_job, seconds=120)
@@ -213,6 +216,7 @@ def test_one_hundred_acks_are_handled_within_two_ticks(deployment: Deployment) -
     assert acks_queue_empty(deployment)
 
 
+@MOTO_ONLY
 def test_resource_cancel_run_records_intent_then_hints_like_terminate(
     deployment: Deployment,
 ) -> None:
@@ -224,6 +228,7 @@ def test_resource_cancel_run_records_intent_then_hints_like_terminate(
     assert not taskiq.cancel_run(deployment.instance, "no-such-run", reason="test")
 
 
+@MOTO_ONLY
 def test_timeout_waits_for_the_runs_notice_and_grace(deployment: Deployment) -> None:
     """Nobody holds the run: the timeout counts from the end of its notice and grace."""
     timing = {"dagster-taskiq/notice_seconds": "3", "dagster-taskiq/grace_seconds": "1"}
@@ -243,6 +248,7 @@ def test_timeout_waits_for_the_runs_notice_and_grace(deployment: Deployment) -> 
     assert time.monotonic() - started >= 3 + 1 + 1
 
 
+@MOTO_ONLY
 def test_no_timeout_while_the_holding_worker_is_alive(deployment: Deployment) -> None:
     """A fresh heartbeat from the holder means its processes may still be stopping."""
     run_id = deployment.create_run(sleepy_job, tags={"dagster-taskiq/grace_seconds": "0"}).run_id
@@ -270,6 +276,7 @@ def sign_at(codec: Codec, message: CancelAck, at: float) -> str:
         return codec.dumps(message)
 
 
+@MOTO_ONLY
 def test_signed_ack_from_an_hour_ago_still_ends_the_run(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
@@ -324,6 +331,7 @@ def test_ack_whose_storage_write_fails_is_kept_and_applied_later(
     assert acks_queue_empty(deployment)
 
 
+@MOTO_ONLY
 def test_worker_retries_an_ack_send_that_fails(deployment: Deployment) -> None:
     deployment.env["FLAKY_ACK_FAILURES"] = "2"
     deployment.start_worker(

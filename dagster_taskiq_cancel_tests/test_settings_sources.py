@@ -15,8 +15,10 @@ from dagster import DagsterRunStatus
 from dagster_taskiq_cancel import TaskiqCancelResource, cancel_reconciliation_sensor
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, wait_for
 from dagster_taskiq_cancel_tests.test_cli import cli
+
+pytestmark = MOTO_ONLY
 
 
 def home_with_launcher(root: Path, **config: object) -> Path:

@@ -11,8 +11,10 @@ import pytest
 from dagster import DagsterEventType, DagsterRunStatus
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.step_jobs import fan_job, fan_run_config, step_records
+
+pytestmark = MOTO_ONLY
 
 CLAIM_TIMEOUT = 8.0
 

@@ -17,7 +17,7 @@ from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import STOPPED_OUTCOMES, CancelAck, parse_message
 from dagster_taskiq_cancel.queues import boto_client_kwargs
 from dagster_taskiq_cancel.tasks import EXECUTE_STEP, step_task_id
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, task_pids, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, task_pids, wait_for
 from dagster_taskiq_cancel_tests.step_jobs import (
     StepRecord,
     fan_job,
@@ -87,6 +87,7 @@ def test_parallel_steps_run_on_several_workers(deployment: Deployment) -> None:
     wait_for(deployment.queue_empty, 30, "queues empty")
 
 
+@MOTO_ONLY
 def test_a_failed_step_is_retried_as_a_new_task(deployment: Deployment) -> None:
     deployment.start_worker("--concurrency", "3")
     run_id = _launch(deployment, width=1, fail_first_attempt=True)
@@ -127,6 +128,7 @@ def test_terminate_stops_every_step_on_every_worker(deployment: Deployment) -> N
     ]
 
 
+@MOTO_ONLY
 def test_steps_of_a_dead_run_process_stop_once_the_run_fails(deployment: Deployment) -> None:
     workers = [deployment.start_worker("--concurrency", "2") for _ in range(2)]
     run_id = _launch(deployment, width=2, seconds=600)

@@ -29,8 +29,10 @@ from dagster_taskiq_cancel.tasks import (
 )
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_sensor import tick_until
+
+pytestmark = MOTO_ONLY
 
 CANCELED = {DagsterRunStatus.CANCELED}
 

@@ -13,9 +13,11 @@ from dagster_taskiq_cancel.messages import CancelRequest
 from dagster_taskiq_cancel_tests.jobs import flaky_cleanup_job, sleepy_job, stubborn_job
 from dagster_taskiq_cancel_tests.launch_race_jobs import launch_race_config, launch_race_job
 from dagster_taskiq_cancel_tests.slow_jobs import slow_import_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 from dagster_taskiq_cancel_tests.test_graceful import reconcile_until
 from dagster_taskiq_cancel_tests.test_steps import _launch
+
+pytestmark = MOTO_ONLY
 
 Status = DagsterRunStatus
 STATUS_EVENTS = {

@@ -21,7 +21,7 @@ from dagster_taskiq_cancel.dev import DevStack, descendants
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import settings_from_env
-from dagster_taskiq_cancel_tests.stack import pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, pid_alive, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -32,8 +32,7 @@ CONFIRM_TO_CANCELED: list[float] = []
 
 pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium"),
-    # Browser tests are slow and exercise the UI, not SQS: moto only.
-    pytest.mark.parametrize("sqs_server", ["moto"], indirect=True),
+    MOTO_ONLY,  # browser tests are slow and exercise the UI, not SQS
 ]
 
 

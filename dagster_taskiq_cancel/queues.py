@@ -17,6 +17,7 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
+from dagster_taskiq_cancel.payloads import S3_CONFIG, plan_offload
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 
 FIFO_SUFFIX = ".fifo"
@@ -145,9 +146,28 @@ class SyncQueues:
             self._urls[name] = self.call("get_queue_url", QueueName=name)["QueueUrl"]
         return self._urls[name]
 
+    @functools.cached_property
+    def s3(self) -> Any:
+        """The client for task bodies too large for SQS (``payloads``), made on first use."""
+        return boto3.client("s3", config=S3_CONFIG, **boto_client_kwargs(self.settings))
+
     def send(self, name: str, body: str, group_id: str, dedup_id: str) -> str:
-        """Send one message; FIFO queues get the per-task group and per-request dedup ids."""
+        """Send one message; FIFO queues get the per-task group and per-request dedup ids.
+
+        A task body over the large-payload threshold goes to S3 first, the message points to it.
+        """
         kwargs: dict[str, Any] = {"QueueUrl": self.url(name), "MessageBody": body}
+        offload = plan_offload(self.settings, name, body) if name == self.names.main else None
+        if offload is not None:
+            pointer = offload.pointer
+            try:
+                self.s3.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=offload.payload)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                raise SqsError(
+                    f"could not store a task body at {pointer.url}: "
+                    f"{describe_client_error(exc, self.settings)}"
+                ) from exc
+            kwargs.update(MessageBody=offload.body, MessageAttributes=offload.attributes)
         if name.endswith(FIFO_SUFFIX):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
         return self.call("send_message", **kwargs)["MessageId"]

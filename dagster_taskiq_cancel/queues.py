@@ -7,6 +7,7 @@ even inside a running event loop), so they use plain boto3 here; only the worker
 from __future__ import annotations
 
 import functools
+import math
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -219,3 +220,19 @@ class SyncQueues:
                 "in_flight": int(attrs["ApproximateNumberOfMessagesNotVisible"]),
             }
         return counts
+
+
+def backlog_figures(depth: dict[str, int], slots_per_replica: int) -> dict[str, float | int]:
+    """Main-queue backlog in the units autoscalers use, for ``queues status``.
+
+    Tasks are deleted when they start, so the backlog is waiting work only (visible, plus
+    received not yet started): ``backlog_per_slot`` is that over one replica's slots, and
+    ``replicas_for_backlog`` its ceiling, which is what KEDA computes with
+    ``queueLength = slots_per_replica``.
+    """
+    backlog = depth["visible"] + depth["in_flight"]
+    return {
+        "slots_per_replica": slots_per_replica,
+        "backlog_per_slot": round(backlog / slots_per_replica, 3),
+        "replicas_for_backlog": math.ceil(backlog / slots_per_replica),
+    }

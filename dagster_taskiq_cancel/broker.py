@@ -219,6 +219,9 @@ class CancellableSqsBroker(AsyncBroker):
                         describe_client_error(exc, self.settings),
                     )
                     continue
+                except Exception as exc:  # no pointer may end the listener
+                    await self._set_aside(message, f"unreadable S3 pointer ({exc!r:.200})")
+                    continue
                 reason = self.reject_reason(body)
                 if reason is not None:
                     await self._set_aside(message, reason)

@@ -15,6 +15,7 @@ object must first have read that task's message.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ POINTER_ATTRIBUTES = (SIZE_ATTRIBUTE, LEGACY_SIZE_ATTRIBUTE, TASKIQ_SQS_ATTRIBUT
 # Our tasks carry ids only: a payload this large is not one of them, and is not read.
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MISSING_CODES = frozenset({"NoSuchKey", "404"})
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")
 # Path-style addressing: local servers (moto on 127.0.0.1) have no bucket sub-domains.
 S3_CONFIG = BotoConfig(
     s3={"addressing_style": "path"},
@@ -155,10 +157,14 @@ def _json(body: str) -> Any:
 
 
 def _pointer(bucket: Any, key: Any, size: int | None) -> PayloadPointer:
-    if not isinstance(bucket, str) or not 3 <= len(bucket) <= 63:
+    if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
         raise MalformedMessage("S3 pointer without a valid bucket name")
-    if not isinstance(key, str) or not 1 <= len(key.encode(errors="replace")) <= 1024:
+    if not isinstance(key, str) or not 1 <= len(key.encode(errors="surrogatepass")) <= 1024:
         raise MalformedMessage("S3 pointer without a valid key")
+    try:
+        key.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no S3 key has one
+        raise MalformedMessage("S3 pointer without a valid key") from None
     return PayloadPointer(bucket, key, size)
 
 

@@ -83,6 +83,9 @@ def _extended(bucket: Any, key: Any = "k", size: str = "10") -> tuple[str, dict[
         (*_extended(BUCKET, key=""), BUCKET, "valid key"),
         (*_extended(BUCKET, key=7), BUCKET, "valid key"),
         (*_extended(["x"]), BUCKET, "valid bucket name"),
+        (*_extended("Payloads/../x"), BUCKET, "valid bucket name"),
+        (*_extended(BUCKET, key="\ud800"), BUCKET, "valid key"),
+        (*_extended(BUCKET, key="k" * 1025), BUCKET, "valid key"),
         (*_extended(BUCKET, size="-1"), BUCKET, "byte count"),
         (*_extended(BUCKET, size="1e9"), BUCKET, "byte count"),
         ("[" * 50_000, {SIZE_ATTRIBUTE: {"StringValue": "1"}}, BUCKET, "not JSON"),
@@ -199,6 +202,7 @@ def test_hostile_pointers_are_set_aside_and_taskiq_aio_sqs_bodies_run(
     # A pointer to nothing in our bucket, and a pointer that is not one.
     send(*_extended(bucket, f"{uuid.uuid4()}"))
     send("{}", {SIZE_ATTRIBUTE: {"DataType": "Number", "StringValue": "2"}})
+    send(*_extended(bucket, "\ud800"))  # a key no S3 request can carry
     # taskiq-aio-sqs's own format, which the worker reads too.
     theirs = _starting_run(deployment)
     s3.put_object(Bucket=bucket, Key=f"{theirs}.json", Body=run_task_message(theirs).body)
@@ -213,6 +217,7 @@ def test_hostile_pointers_are_set_aside_and_taskiq_aio_sqs_bodies_run(
     assert f"points to s3://{other}/task, not the configured bucket {bucket}" in log
     assert "does not exist (already run and deleted, or never written)" in log
     assert f"not a {POINTER_CLASS} body" in log
+    assert "S3 pointer without a valid key" in log
     assert worker.poll() is None
     assert deployment.status(foreign) == DagsterRunStatus.STARTING
     assert _current_objects(other_s3, other) == ["task"]

@@ -114,7 +114,7 @@ class CancellableSqsBroker(AsyncBroker):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
         offload = plan_offload(self.settings, name, body) if name == self.names.main else None
         if offload is not None:
-            if self._s3 is None:  # a bucket configured but never checked: not started
+            if self._s3 is None:  # startup() opens it whenever a bucket is set
                 raise SqsError("the broker was not started")
             pointer = offload.pointer
             await self._s3.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=offload.payload)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -10,7 +11,9 @@ from typing import Any
 import boto3
 import pytest
 from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus
+from taskiq import BrokerMessage
 
+from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import MalformedMessage
 from dagster_taskiq_cancel.payloads import (
@@ -256,3 +259,30 @@ def test_an_oversize_task_with_no_bucket_fails_its_run_at_send(
         assert main_queue_empty(deployment)
     finally:
         deployment.stop()
+
+
+@MOTO
+def test_the_async_broker_sends_and_reads_back_through_s3(offloading: Any) -> None:
+    """The worker side (kick, listen, ack) in one process, on the real server."""
+    deployment, s3, bucket = offloading
+    task = run_task_message("r-async")
+
+    async def round_trip() -> tuple[bytes, list[str], list[str]]:
+        broker = CancellableSqsBroker(deployment.settings)
+        await broker.startup()
+        try:
+            message = task.body.encode()
+            await broker.kick(
+                BrokerMessage(task_id=task.task_id, task_name="t", message=message, labels={})
+            )
+            stored = _current_objects(s3, bucket)
+            received = await anext(broker.listen())
+            await received.ack()
+            return received.data, stored, _current_objects(s3, bucket)
+        finally:
+            await broker.shutdown()
+
+    data, stored, after_ack = asyncio.run(round_trip())
+    assert data == task.body.encode()
+    assert len(stored) == 1
+    assert after_ack == []

@@ -20,7 +20,17 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
-from dagster_taskiq_cancel.messages import codec_for
+from dagster_taskiq_cancel.messages import MalformedMessage, codec_for
+from dagster_taskiq_cancel.payloads import (
+    MISSING_CODES,
+    POINTER_ATTRIBUTES,
+    S3_CONFIG,
+    PayloadPointer,
+    check_payload,
+    plan_offload,
+    read_pointer,
+    too_large,
+)
 from dagster_taskiq_cancel.queues import (
     FIFO_SUFFIX,
     QueueNames,
@@ -53,6 +63,7 @@ class CancellableSqsBroker(AsyncBroker):
         self.codec = codec_for(settings)
         self._urls: dict[str, str] = {}
         self._client: Any = None
+        self._s3: Any = None  # only with a large_payload_bucket
         self._stack = contextlib.AsyncExitStack()
         self._outage: str | None = None
         self._unacked: dict[str, str] = {}  # receipt handle -> task id, received not yet started
@@ -77,6 +88,17 @@ class CancellableSqsBroker(AsyncBroker):
                     f"queue {name}: {describe_client_error(exc, self.settings)}"
                 ) from exc
             self._urls[name] = response["QueueUrl"]
+        bucket = self.settings.large_payload_bucket
+        if bucket:
+            self._s3 = await self._stack.enter_async_context(
+                session.client("s3", config=S3_CONFIG, **boto_client_kwargs(self.settings))
+            )
+            try:
+                await self._s3.head_bucket(Bucket=bucket)
+            except _SQS_ERRORS as exc:
+                raise SqsError(
+                    f"large_payload_bucket {bucket}: {describe_client_error(exc, self.settings)}"
+                ) from exc
 
     async def shutdown(self) -> None:
         await self._stack.aclose()
@@ -86,9 +108,17 @@ class CancellableSqsBroker(AsyncBroker):
         await self.send(self.names.main, message.message.decode(), message.task_id, message.task_id)
 
     async def send(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
+        """Send one message; a task body over the large-payload threshold goes to S3 first."""
         kwargs: dict[str, Any] = {"QueueUrl": self._urls[name], "MessageBody": body}
         if name.endswith(FIFO_SUFFIX):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
+        offload = plan_offload(self.settings, name, body) if name == self.names.main else None
+        if offload is not None:
+            if self._s3 is None:  # startup() opens it whenever a bucket is set
+                raise SqsError("the broker was not started")
+            pointer = offload.pointer
+            await self._s3.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=offload.payload)
+            kwargs.update(MessageBody=offload.body, MessageAttributes=offload.attributes)
         await self._client.send_message(**kwargs)
 
     async def send_until_sent(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
@@ -130,7 +160,11 @@ class CancellableSqsBroker(AsyncBroker):
             )
 
     async def receive(
-        self, name: str, max_messages: int, visibility_timeout: int | None = None
+        self,
+        name: str,
+        max_messages: int,
+        visibility_timeout: int | None = None,
+        attributes: tuple[str, ...] = (),
     ) -> list[dict[str, Any]]:
         """One long poll; on an SQS error, back off and retry until it answers."""
         kwargs: dict[str, Any] = {
@@ -138,6 +172,8 @@ class CancellableSqsBroker(AsyncBroker):
             "MaxNumberOfMessages": max_messages,
             "WaitTimeSeconds": self.settings.wait_time_seconds,
         }
+        if attributes:
+            kwargs["MessageAttributeNames"] = list(attributes)
         if visibility_timeout is not None:
             kwargs["VisibilityTimeout"] = visibility_timeout
         backoff = _BACKOFF_START
@@ -164,23 +200,79 @@ class CancellableSqsBroker(AsyncBroker):
         """Yield main-queue tasks one at a time; set aside what is not one of our tasks."""
         while True:
             messages = await self.receive(
-                self.names.main, 1, visibility_timeout=self.settings.visibility_timeout_seconds
+                self.names.main,
+                1,
+                visibility_timeout=self.settings.visibility_timeout_seconds,
+                attributes=POINTER_ATTRIBUTES,
             )
             for message in messages:
-                body = message.get("Body", "")
                 receipt = message["ReceiptHandle"]
+                try:
+                    body, pointer = await self._task_body(message)
+                except MalformedMessage as exc:
+                    await self._set_aside(message, str(exc))
+                    continue
+                except _SQS_ERRORS as exc:
+                    logger.warning(
+                        "Could not fetch the body of task message %s, left for redelivery: %s",
+                        message.get("MessageId"),
+                        describe_client_error(exc, self.settings),
+                    )
+                    continue
+                except Exception as exc:  # no pointer may end the listener
+                    await self._set_aside(message, f"unreadable S3 pointer ({exc!r:.200})")
+                    continue
                 reason = self.reject_reason(body)
                 if reason is not None:
-                    logger.warning(
-                        "Deleting malformed task message %s: %s", message.get("MessageId"), reason
-                    )
-                    await self.delete(self.names.main, receipt)
+                    await self._set_aside(message, reason)
                     continue
                 self._unacked[receipt] = self.formatter.loads(body.encode()).task_id
                 yield AckableMessage(
                     data=body.encode(),
-                    ack=_Ack(self, self.names.main, receipt),
+                    ack=_Ack(self, self.names.main, receipt, pointer),
                 )
+
+    async def _set_aside(self, message: dict[str, Any], reason: str) -> None:
+        """Log a task message that is not one of ours with its id, and delete it."""
+        logger.warning("Deleting malformed task message %s: %s", message.get("MessageId"), reason)
+        await self.delete(self.names.main, message["ReceiptHandle"])
+
+    async def _task_body(self, message: dict[str, Any]) -> tuple[str, PayloadPointer | None]:
+        """The task body of ``message``: the message body, or the S3 object it points to.
+
+        ``MalformedMessage`` when the message must be set aside (bad or foreign pointer, object
+        missing or not a body); an SQS/S3 error when it should come back later.
+        """
+        body = message.get("Body", "")
+        attributes = message.get("MessageAttributes") or {}
+        pointer = read_pointer(body, attributes, self.settings.large_payload_bucket)
+        if pointer is None:
+            return body, None
+        try:
+            response = await self._s3.get_object(Bucket=pointer.bucket, Key=pointer.key)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in MISSING_CODES:
+                raise MalformedMessage(
+                    f"{pointer.url} does not exist (already run and deleted, or never written)"
+                ) from None
+            raise
+        async with response["Body"] as stream:
+            rejection = too_large(pointer, int(response.get("ContentLength", 0)))
+            if rejection is not None:
+                raise rejection
+            payload = await stream.read()
+        return check_payload(pointer, payload), pointer
+
+    async def delete_payload(self, pointer: PayloadPointer) -> None:
+        """Delete a task body from S3 once its message is gone; a failure is only logged."""
+        try:
+            await self._s3.delete_object(Bucket=pointer.bucket, Key=pointer.key)
+        except _SQS_ERRORS as exc:
+            logger.warning(
+                "Could not delete %s (an S3 lifecycle rule will): %s",
+                pointer.url,
+                describe_client_error(exc, self.settings),
+            )
 
     async def release_unstarted(self) -> int:
         """Hand every received, not yet started task back to the queue at once (visibility 0).
@@ -239,11 +331,21 @@ class CancellableSqsBroker(AsyncBroker):
 class _Ack:
     """Deletes one received message; a callable object so it stays picklable and printable."""
 
-    def __init__(self, broker: CancellableSqsBroker, name: str, receipt_handle: str) -> None:
+    def __init__(
+        self,
+        broker: CancellableSqsBroker,
+        name: str,
+        receipt_handle: str,
+        pointer: PayloadPointer | None = None,
+    ) -> None:
         self.broker = broker
         self.name = name
         self.receipt_handle = receipt_handle
+        self.pointer = pointer
 
     async def __call__(self) -> None:
+        """Delete the message, then the S3 body it pointed to (no copy can need it now)."""
         if self.broker.settle(self.receipt_handle):
             await self.broker.delete(self.name, self.receipt_handle)
+            if self.pointer is not None:
+                await self.broker.delete_payload(self.pointer)

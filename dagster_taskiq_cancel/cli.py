@@ -30,7 +30,7 @@ from dagster_taskiq_cancel.bulk import (
     cancel_runs,
 )
 from dagster_taskiq_cancel.cancel import environment_user
-from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.queues import QueueNames, SqsError, SyncQueues, backlog_figures
 from dagster_taskiq_cancel.settings import (
     SettingsError,
     TaskiqCancelSettings,
@@ -156,10 +156,21 @@ def purge(**overrides: Any) -> None:
 
 
 @queues.command()
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Worker processes per replica (`worker --workers`): slots per replica = this times "
+    "--concurrency.",
+)
 @settings_options
-def status(**overrides: Any) -> None:
-    """Print visible and in-flight message counts per queue as JSON."""
-    depths, signed = admin(lambda q: (q.depths(), q.settings.signing_key is not None), overrides)
+def status(workers: int, **overrides: Any) -> None:
+    """Print message counts per queue as JSON, and the main queue's backlog per worker slot."""
+    depths, settings = admin(lambda q: (q.depths(), q.settings), overrides)
+    main_depth = depths[QueueNames.from_setting(settings.queue_name).main]
+    main_depth.update(backlog_figures(main_depth, workers * settings.concurrency))
+    signed = settings.signing_key is not None
     if not signed:
         click.echo(
             "Warning: no signing key is set (DAGSTER_TASKIQ_SIGNING_KEY): anyone who can send "

@@ -7,6 +7,7 @@ even inside a running event loop), so they use plain boto3 here; only the worker
 from __future__ import annotations
 
 import functools
+import math
 import os
 import urllib.parse
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
+from dagster_taskiq_cancel.payloads import S3_CONFIG, plan_offload
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 
 FIFO_SUFFIX = ".fifo"
@@ -145,9 +147,28 @@ class SyncQueues:
             self._urls[name] = self.call("get_queue_url", QueueName=name)["QueueUrl"]
         return self._urls[name]
 
+    @functools.cached_property
+    def s3(self) -> Any:
+        """The client for task bodies too large for SQS (``payloads``), made on first use."""
+        return boto3.client("s3", config=S3_CONFIG, **boto_client_kwargs(self.settings))
+
     def send(self, name: str, body: str, group_id: str, dedup_id: str) -> str:
-        """Send one message; FIFO queues get the per-task group and per-request dedup ids."""
+        """Send one message; FIFO queues get the per-task group and per-request dedup ids.
+
+        A task body over the large-payload threshold goes to S3 first, the message points to it.
+        """
         kwargs: dict[str, Any] = {"QueueUrl": self.url(name), "MessageBody": body}
+        offload = plan_offload(self.settings, name, body) if name == self.names.main else None
+        if offload is not None:
+            pointer = offload.pointer
+            try:
+                self.s3.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=offload.payload)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                raise SqsError(
+                    f"could not store a task body at {pointer.url}: "
+                    f"{describe_client_error(exc, self.settings)}"
+                ) from exc
+            kwargs.update(MessageBody=offload.body, MessageAttributes=offload.attributes)
         if name.endswith(FIFO_SUFFIX):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
         return self.call("send_message", **kwargs)["MessageId"]
@@ -199,3 +220,19 @@ class SyncQueues:
                 "in_flight": int(attrs["ApproximateNumberOfMessagesNotVisible"]),
             }
         return counts
+
+
+def backlog_figures(depth: dict[str, int], slots_per_replica: int) -> dict[str, float | int]:
+    """Main-queue backlog in the units autoscalers use, for ``queues status``.
+
+    Tasks are deleted when they start, so the backlog is waiting work only (visible, plus
+    received not yet started): ``backlog_per_slot`` is that over one replica's slots, and
+    ``replicas_for_backlog`` its ceiling, which is what KEDA computes with
+    ``queueLength = slots_per_replica``.
+    """
+    backlog = depth["visible"] + depth["in_flight"]
+    return {
+        "slots_per_replica": slots_per_replica,
+        "backlog_per_slot": round(backlog / slots_per_replica, 3),
+        "replicas_for_backlog": math.ceil(backlog / slots_per_replica),
+    }

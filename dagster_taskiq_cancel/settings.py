@@ -35,6 +35,8 @@ EXPECTED = {
     "Int": "should be a whole number",
     "String": "should be text",
 }
+LARGE_PAYLOAD_DEFAULT = 256 * 1024
+LARGE_PAYLOAD_MAX = 1024 * 1024  # SQS's largest message
 
 
 class TaskiqCancelSettings(dg.Config):
@@ -115,6 +117,23 @@ class TaskiqCancelSettings(dg.Config):
         description=(
             "A CANCELING run with no worker acknowledgement is marked CANCELED this long after "
             "its notice and grace ran out, once no live worker (fresh heartbeat) holds it."
+        ),
+    )
+
+    large_payload_bucket: str | None = Field(
+        default=None,
+        description=(
+            "S3 bucket for task bodies over large_payload_threshold_bytes (AWS SQS Extended "
+            "Client format), and the only bucket workers read such bodies from."
+        ),
+    )
+    large_payload_threshold_bytes: int = Field(
+        default=LARGE_PAYLOAD_DEFAULT,
+        ge=1,
+        le=LARGE_PAYLOAD_MAX,
+        description=(
+            "Task bodies over this many bytes go to large_payload_bucket (1 to 1048576, SQS's "
+            "limit; a few hundred bytes sends every task through S3)."
         ),
     )
 

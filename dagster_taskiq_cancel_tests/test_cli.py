@@ -10,6 +10,9 @@ import sys
 import uuid
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
+from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.tasks import run_task_message
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, child_pids, pid_alive, wait_for
 
 
@@ -35,7 +38,8 @@ def test_queues_create_is_idempotent_and_status_counts(sqs_server: LocalSqsServe
         created = [line.split("\t")[0] for line in first.stdout.splitlines()]
         assert created == [queue, f"{base}-cancels{suffix}", f"{base}-cancel-acks{suffix}"]
         status = cli("queues", "status", *args)
-        assert json.loads(status.stdout)[queue] == {"visible": 0, "in_flight": 0}
+        depth = json.loads(status.stdout)[queue]
+        assert (depth["visible"], depth["in_flight"], depth["backlog_per_slot"]) == (0, 0, 0)
 
 
 def test_unreachable_endpoint_is_a_clear_error() -> None:
@@ -139,3 +143,30 @@ def test_queues_status_warns_when_no_signing_key_is_set(sqs_server: LocalSqsServ
     assert signed.returncode == 0, signed.stderr
     assert "signing key" not in signed.stderr
     assert "team-secret" not in signed.stdout + signed.stderr
+
+
+@MOTO_ONLY
+def test_queues_status_prints_backlog_per_worker_slot(sqs_server: LocalSqsServer) -> None:
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    args = ("--queue-name", queue, "--endpoint-url", sqs_server.endpoint_url)
+    settings = TaskiqCancelSettings(queue_name=queue, endpoint_url=sqs_server.endpoint_url)
+    queues = SyncQueues(settings)
+    queues.create_all()
+    tasks = [run_task_message(f"run-{index}") for index in range(5)]
+    assert not queues.send_batch(queue, [(t.body, t.task_id, t.task_id) for t in tasks])
+    for options, slots, per_slot, replicas in [
+        (("--concurrency", "2"), 2, 2.5, 3),  # slots from the setting (or DAGSTER_TASKIQ_*)
+        (("--concurrency", "4", "--workers", "2"), 8, 0.625, 1),  # `worker --workers 2` each
+    ]:
+        status = cli("queues", "status", *args, *options)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)[queue] == {
+            "visible": 5,
+            "in_flight": 0,
+            "slots_per_replica": slots,
+            "backlog_per_slot": per_slot,
+            "replicas_for_backlog": replicas,
+        }
+    bad = cli("queues", "status", *args, "--workers", "0")
+    assert bad.returncode == 2
+    assert "--workers" in bad.stderr

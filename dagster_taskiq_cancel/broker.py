@@ -35,6 +35,7 @@ from dagster_taskiq_cancel.tasks import (
     expected_task_id,
     task_signing_payload,
 )
+from dagster_taskiq_cancel.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class CancellableSqsBroker(AsyncBroker):
                     f"queue {name}: {describe_client_error(exc, self.settings)}"
                 ) from exc
             self._urls[name] = response["QueueUrl"]
+        metrics.sqs_answered()
 
     async def shutdown(self) -> None:
         await self._stack.aclose()
@@ -89,7 +91,11 @@ class CancellableSqsBroker(AsyncBroker):
         kwargs: dict[str, Any] = {"QueueUrl": self._urls[name], "MessageBody": body}
         if name.endswith(FIFO_SUFFIX):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
-        await self._client.send_message(**kwargs)
+        try:
+            await self._client.send_message(**kwargs)
+        except _SQS_ERRORS:
+            metrics.sqs_error("send")
+            raise
 
     async def send_until_sent(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
         """``send``, retried with backoff until it succeeds or the caller is cancelled (shutdown).
@@ -123,6 +129,7 @@ class CancellableSqsBroker(AsyncBroker):
                 QueueUrl=self._urls[name], ReceiptHandle=receipt_handle
             )
         except _SQS_ERRORS as exc:
+            metrics.sqs_error("delete")
             logger.warning(
                 "Could not delete a message from %s: %s",
                 name,
@@ -137,6 +144,7 @@ class CancellableSqsBroker(AsyncBroker):
             "QueueUrl": self._urls[name],
             "MaxNumberOfMessages": max_messages,
             "WaitTimeSeconds": self.settings.wait_time_seconds,
+            "AttributeNames": ["SentTimestamp"],  # for the queue-wait metric
         }
         if visibility_timeout is not None:
             kwargs["VisibilityTimeout"] = visibility_timeout
@@ -145,6 +153,7 @@ class CancellableSqsBroker(AsyncBroker):
             try:
                 response = await self._client.receive_message(**kwargs)
             except _SQS_ERRORS as exc:
+                metrics.sqs_error("receive")
                 self._report_outage(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -152,6 +161,7 @@ class CancellableSqsBroker(AsyncBroker):
             if self._outage is not None:
                 logger.warning("SQS answers again after: %s", self._outage)
                 self._outage = None
+            metrics.sqs_answered()
             return response.get("Messages", [])
 
     def _report_outage(self, exc: BaseException) -> None:
@@ -174,9 +184,12 @@ class CancellableSqsBroker(AsyncBroker):
                     logger.warning(
                         "Deleting malformed task message %s: %s", message.get("MessageId"), reason
                     )
+                    metrics.task_rejected()
                     await self.delete(self.names.main, receipt)
                     continue
-                self._unacked[receipt] = self.formatter.loads(body.encode()).task_id
+                task = self.formatter.loads(body.encode())
+                self._unacked[receipt] = task.task_id
+                metrics.task_received(task.task_name, message)
                 yield AckableMessage(
                     data=body.encode(),
                     ack=_Ack(self, self.names.main, receipt),
@@ -198,6 +211,7 @@ class CancellableSqsBroker(AsyncBroker):
                 )
                 handed_back += 1
             except _SQS_ERRORS as exc:
+                metrics.sqs_error("change_visibility")
                 logger.warning("Could not hand back task %s: %s", task_id, exc)
         return handed_back
 

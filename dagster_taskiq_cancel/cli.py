@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -56,11 +57,17 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
-            type=CLICK_TYPES.get(field.annotation, click.STRING),
+            type=_click_type(field.annotation),
             default=None,
             help=f"{field.description} [env {TaskiqCancelSettings.env_var(name)}]",
         )(command)
     return command
+
+
+def _click_type(annotation: Any) -> click.ParamType:
+    """The option type of a field; an optional field (``int | None``) as its type."""
+    types = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    return CLICK_TYPES.get(types[0], click.STRING) if len(types) == 1 else click.STRING
 
 
 def load_instance(no_home: str = NO_HOME) -> DagsterInstance:

@@ -148,5 +148,14 @@ def test_readiness_turns_unhealthy_while_the_run_storage_is_locked_and_recovers(
         deployment.env.pop(TaskiqCancelSettings.env_var("metrics_port"))
         off = probe(deployment)
         assert off.returncode == 1 and "No metrics port is set" in off.stdout, off
+        taken = subprocess.run(
+            [sys.executable, "-m", "dagster_taskiq_cancel", "worker", "--metrics-port", str(port)],
+            env=deployment.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert taken.returncode == 1
+        assert f"Cannot serve metrics on 127.0.0.1:{port}: Address already in use" in taken.stderr
     finally:
         deployment.stop()

@@ -159,7 +159,8 @@ def probe(settings: TaskiqCancelSettings, live: bool, timeout: float) -> tuple[b
     if settings.metrics_port is None:
         return False, (
             "No metrics port is set: the probe asks the worker's endpoint, so set "
-            f"{TaskiqCancelSettings.env_var('metrics_port')} for the worker and the probe alike"
+            f"{TaskiqCancelSettings.env_var('metrics_port')} for the worker and the probe alike "
+            "(the probe does not read dagster.yaml)"
         )
     host = settings.metrics_host
     host = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
@@ -196,11 +197,14 @@ class ChildrenEndpoint:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self._directory)
         try:
-            self._endpoint = Endpoint(settings, registry, lambda: [str(p) for p in self.live])
+            self._endpoint = Endpoint(settings, registry, self._live_pids)
         except EndpointError:
             self.close()
             raise
         self.env = {MULTIPROC_ENV: self._directory, SERVED_BY_PARENT_ENV: "1"}
+
+    def _live_pids(self) -> list[str]:
+        return [str(pid) for pid in tuple(self.live)]  # a copy: the main thread changes it
 
     def process_dead(self, pid: int) -> None:
         """Forget a child that exited: its live gauges go, its counters stay in the sums."""

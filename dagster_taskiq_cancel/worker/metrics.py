@@ -234,7 +234,7 @@ async def storage_call(fn: Any, call: Awaitable[T]) -> T:
     try:
         result = await call
     except Exception:
-        STORAGE_ERRORS.labels(getattr(fn, "__name__", "call")).inc()
+        STORAGE_ERRORS.labels(getattr(fn, "__name__", "call").lstrip("_")).inc()
         raise
     STORAGE_LAST_SUCCESS.set_to_current_time()
     return result

@@ -31,15 +31,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.worker.metrics import HEARTBEAT_LOOP, PREFIX
+from dagster_taskiq_cancel.worker.metrics import (
+    HEARTBEAT_LOOP,
+    MULTIPROC_ENV,
+    PREFIX,
+    SERVED_BY_PARENT_ENV,
+)
 
 logger = logging.getLogger(__name__)
 
 LIVE_PATH = "/healthz"
 READY_PATH = "/readyz"
-# Set by the parent of --workers N: its children write to the directory and do not serve.
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-SERVED_BY_PARENT_ENV = "DAGSTER_TASKIQ_CANCEL_METRICS_SERVED_BY_PARENT"
 
 _LOOP_UP = f"{PREFIX}loop_up"
 _LOOP_TICK = f"{PREFIX}loop_last_tick_timestamp_seconds"

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PREFIX = "dagster_taskiq_cancel_"
+# Set by the parent of --workers N: its children write to the directory and do not serve.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SERVED_BY_PARENT_ENV = "DAGSTER_TASKIQ_CANCEL_METRICS_SERVED_BY_PARENT"
 KINDS = {EXECUTE_RUN: "run", EXECUTE_STEP: "step", RESUME_RUN: "resume"}
 # The loops whose ticks the health check reads (names as the worker's loop table has them).
 HEARTBEAT_LOOP = "heartbeat loop"
@@ -91,6 +94,8 @@ STOP_OUTCOMES = Counter(
     ["outcome"],
 )
 SQS_ERRORS = Counter(f"{PREFIX}sqs_errors", "Failed SQS calls.", ["operation"])
+for _operation in ("receive", "send", "delete", "change_visibility"):
+    SQS_ERRORS.labels(_operation)  # exported as 0 from the start, for rate() and alerts
 STORAGE_ERRORS = Counter(
     f"{PREFIX}storage_errors", "Failed or timed-out run storage calls.", ["operation"]
 )
@@ -119,6 +124,14 @@ LOOP_TICK = Gauge(
 
 _started: dict[str, float] = {}  # task id -> monotonic start, while its child runs
 _exited: dict[str, tuple[float, float]] = {}  # task id -> (duration, wall-clock exit)
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a task's processes: without the parent's metrics directory, which they
+    would otherwise fill with files of their own (one set per run, never removed)."""
+    if not env.get(SERVED_BY_PARENT_ENV):
+        return dict(env)
+    return {k: v for k, v in env.items() if k not in (MULTIPROC_ENV, SERVED_BY_PARENT_ENV)}
 
 
 def kind_of(task_id: str, step_key: str | None) -> str:

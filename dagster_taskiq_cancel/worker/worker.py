@@ -269,7 +269,7 @@ class Worker:
     def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The worker's environment for a child, with its own cancel deadline file."""
         cancel_file = self._cancel_dir / f"{uuid.uuid4().hex}.deadline"
-        return {**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)}
+        return metrics.child_env({**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)})
 
     def _fail_task(
         self,
@@ -392,7 +392,7 @@ class Worker:
             detail = "stopped before Dagster started the run; none of it ran"
         if cleanup:
             context = CleanupContext(run_id, step_key, outcome, 0, dict(held.tags))
-            error = await run_cleanup(context, os.environ)
+            error = await run_cleanup(context, metrics.child_env(os.environ))
             if error is not None:
                 outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
         await self._ack(run_id, step_key, task_id, outcome, detail, held)

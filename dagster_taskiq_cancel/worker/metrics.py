@@ -147,9 +147,11 @@ def task_received(task_name: str, message: Mapping[str, Any]) -> None:
     """Count a task taken from SQS and how long it waited there (server clock, so >= 0)."""
     kind = KINDS.get(task_name, "unknown")
     TASKS_RECEIVED.labels(kind).inc()
-    sent = message.get("Attributes", {}).get("SentTimestamp")
-    if sent is not None:
-        QUEUE_WAIT.labels(kind).observe(max(0.0, time.time() - int(sent) / 1000))
+    try:
+        sent = int(message["Attributes"]["SentTimestamp"]) / 1000
+    except (KeyError, TypeError, ValueError):  # a server that does not give it: no wait known
+        return
+    QUEUE_WAIT.labels(kind).observe(max(0.0, time.time() - sent))
 
 
 def task_rejected() -> None:

@@ -45,6 +45,7 @@ from dagster_taskiq_cancel.tasks import (
     expected_task_id,
     task_signing_payload,
 )
+from dagster_taskiq_cancel.worker import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class CancellableSqsBroker(AsyncBroker):
                 raise SqsError(
                     f"large_payload_bucket {bucket}: {describe_client_error(exc, self.settings)}"
                 ) from exc
+        metrics.sqs_answered()
 
     async def shutdown(self) -> None:
         await self._stack.aclose()
@@ -119,7 +121,11 @@ class CancellableSqsBroker(AsyncBroker):
             pointer = offload.pointer
             await self._s3.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=offload.payload)
             kwargs.update(MessageBody=offload.body, MessageAttributes=offload.attributes)
-        await self._client.send_message(**kwargs)
+        try:
+            await self._client.send_message(**kwargs)
+        except _SQS_ERRORS:
+            metrics.sqs_error("send")
+            raise
 
     async def send_until_sent(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
         """``send``, retried with backoff until it succeeds or the caller is cancelled (shutdown).
@@ -153,6 +159,7 @@ class CancellableSqsBroker(AsyncBroker):
                 QueueUrl=self._urls[name], ReceiptHandle=receipt_handle
             )
         except _SQS_ERRORS as exc:
+            metrics.sqs_error("delete")
             logger.warning(
                 "Could not delete a message from %s: %s",
                 name,
@@ -171,6 +178,7 @@ class CancellableSqsBroker(AsyncBroker):
             "QueueUrl": self._urls[name],
             "MaxNumberOfMessages": max_messages,
             "WaitTimeSeconds": self.settings.wait_time_seconds,
+            "AttributeNames": ["SentTimestamp"],  # for the queue-wait metric
         }
         if attributes:
             kwargs["MessageAttributeNames"] = list(attributes)
@@ -181,6 +189,7 @@ class CancellableSqsBroker(AsyncBroker):
             try:
                 response = await self._client.receive_message(**kwargs)
             except _SQS_ERRORS as exc:
+                metrics.sqs_error("receive")
                 self._report_outage(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
@@ -188,6 +197,7 @@ class CancellableSqsBroker(AsyncBroker):
             if self._outage is not None:
                 logger.warning("SQS answers again after: %s", self._outage)
                 self._outage = None
+            metrics.sqs_answered()
             return response.get("Messages", [])
 
     def _report_outage(self, exc: BaseException) -> None:
@@ -226,7 +236,9 @@ class CancellableSqsBroker(AsyncBroker):
                 if reason is not None:
                     await self._set_aside(message, reason)
                     continue
-                self._unacked[receipt] = self.formatter.loads(body.encode()).task_id
+                task = self.formatter.loads(body.encode())
+                self._unacked[receipt] = task.task_id
+                metrics.task_received(task.task_name, message)
                 yield AckableMessage(
                     data=body.encode(),
                     ack=_Ack(self, self.names.main, receipt, pointer),
@@ -235,6 +247,7 @@ class CancellableSqsBroker(AsyncBroker):
     async def _set_aside(self, message: dict[str, Any], reason: str) -> None:
         """Log a task message that is not one of ours with its id, and delete it."""
         logger.warning("Deleting malformed task message %s: %s", message.get("MessageId"), reason)
+        metrics.task_rejected()
         await self.delete(self.names.main, message["ReceiptHandle"])
 
     async def _task_body(self, message: dict[str, Any]) -> tuple[str, PayloadPointer | None]:
@@ -290,6 +303,7 @@ class CancellableSqsBroker(AsyncBroker):
                 )
                 handed_back += 1
             except _SQS_ERRORS as exc:
+                metrics.sqs_error("change_visibility")
                 logger.warning("Could not hand back task %s: %s", task_id, exc)
         return handed_back
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ from dagster_taskiq_cancel.settings import (
     TaskiqCancelSettings,
     current_settings,
     resolve_settings,
+    settings_from_env,
 )
 
 CLICK_TYPES: dict[Any, click.ParamType] = {float: click.FLOAT, int: click.INT}
@@ -55,11 +57,17 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
         command = click.option(
             f"--{name.replace('_', '-')}",
             name,
-            type=CLICK_TYPES.get(field.annotation, click.STRING),
+            type=_click_type(field.annotation),
             default=None,
             help=f"{field.description} [env {TaskiqCancelSettings.env_var(name)}]",
         )(command)
     return command
+
+
+def _click_type(annotation: Any) -> click.ParamType:
+    """The option type of a field; an optional field (``int | None``) as its type."""
+    types = [t for t in typing.get_args(annotation) if t is not type(None)] or [annotation]
+    return CLICK_TYPES.get(types[0], click.STRING) if len(types) == 1 else click.STRING
 
 
 def load_instance(no_home: str = NO_HOME) -> DagsterInstance:
@@ -108,15 +116,16 @@ def worker(workers: int, **overrides: Any) -> None:
         for name, value in overrides.items():
             if value is not None:
                 args += [f"--{name.replace('_', '-')}", str(value)]
-        sys.exit(_run_processes(args, workers))
+        sys.exit(_run_processes(args, workers, settings))
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from dagster_taskiq_cancel.worker.health import EndpointError
     from dagster_taskiq_cancel.worker.process import serve
 
     try:
         asyncio.run(serve(settings, instance))
-    except SqsError as exc:
+    except (SqsError, EndpointError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -128,10 +137,36 @@ def worker_settings(instance: Any, overrides: dict[str, Any]) -> TaskiqCancelSet
         raise click.ClickException(str(exc)) from None
 
 
-def _run_processes(args: list[str], count: int) -> int:
+def _run_processes(args: list[str], count: int, settings: TaskiqCancelSettings) -> int:
+    from dagster_taskiq_cancel.worker.health import EndpointError
     from dagster_taskiq_cancel.worker.process import run_processes
 
-    return run_processes(args, count)
+    try:
+        return run_processes(args, count, settings)
+    except EndpointError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--live", is_flag=True, help="Ask /healthz (loops alive) instead of /readyz.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
+@settings_options
+def health(live: bool, timeout: float, **overrides: Any) -> None:
+    """Probe this host's worker: exit 0 if ready (or, with --live, alive), else 1.
+
+    For container health checks without HTTP tools (ECS). It asks the worker's own endpoint, so
+    it reads metrics_port and metrics_host from the options and DAGSTER_TASKIQ_* only: it must
+    answer even when the run storage in dagster.yaml does not.
+    """
+    from dagster_taskiq_cancel.worker.health import probe
+
+    try:
+        settings = settings_from_env(overrides)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    healthy, answer = probe(settings, live, timeout)
+    click.echo(answer)
+    sys.exit(0 if healthy else 1)
 
 
 @main.group()

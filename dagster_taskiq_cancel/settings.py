@@ -119,6 +119,22 @@ class TaskiqCancelSettings(dg.Config):
             "its notice and grace ran out, once no live worker (fresh heartbeat) holds it."
         ),
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description=(
+            "Port of the worker host's HTTP endpoint: /metrics (Prometheus), /healthz and "
+            "/readyz; one per host (with --workers N the parent serves all N). None: off."
+        ),
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description=(
+            "Address the metrics endpoint listens on; 0.0.0.0 in a container, so that Prometheus "
+            "and the orchestrator's probes reach it from outside."
+        ),
+    )
 
     large_payload_bucket: str | None = Field(
         default=None,

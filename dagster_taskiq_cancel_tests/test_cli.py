@@ -103,6 +103,7 @@ def test_setting_options_are_typed() -> None:
     assert "--grace-seconds FLOAT" in usage
     assert "--concurrency INTEGER" in usage
     assert "--queue-name TEXT" in usage
+    assert "--metrics-port INTEGER" in usage
 
 
 def test_cancel_without_dagster_home_says_it_needs_the_runs_instance() -> None:

@@ -15,6 +15,7 @@ from taskiq import AcknowledgeType
 from taskiq.receiver import Receiver
 
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.worker import health, metrics
 from dagster_taskiq_cancel.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> None:
     """Serve until SIGTERM/SIGINT; then stop receiving, drain, and stop what is left."""
+    endpoint = health.serve_process(settings)
     worker = Worker(settings, instance)
     try:
         await worker.broker.startup()
@@ -29,6 +31,8 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
     finally:
         await worker.broker.shutdown()
         worker.close()
+        if endpoint is not None:
+            endpoint.close()
 
 
 class WorkerLoopFailed(RuntimeError):
@@ -65,6 +69,7 @@ async def _serve(worker: Worker) -> None:
         asyncio.create_task(worker.heartbeat_loop()): "heartbeat loop",
         asyncio.create_task(worker.cancel_loop()): "cancel loop",
     }
+    metrics.watch_loops(loops)
     logger.info(
         "Worker %s listening on %s (%s slots, poll every %ss)",
         worker.worker_id,
@@ -115,20 +120,33 @@ def _failure(worker: Worker, loops: Mapping[asyncio.Task[None], str]) -> str | N
     return f"its {loops[failed]} failed"
 
 
-def run_processes(argv: Sequence[str], count: int) -> int:
+def run_processes(argv: Sequence[str], count: int, settings: TaskiqCancelSettings) -> int:
     """Run ``count`` worker processes with ``argv``; forward SIGTERM/SIGINT; wait for all.
 
     A child that exits while nobody asked it to (crash, OOM kill) is not left unnoticed: the
     others are stopped as by SIGTERM (drained) and the parent exits non-zero at once, for its
-    supervisor to restart the whole set.
+    supervisor to restart the whole set. With ``settings.metrics_port`` the parent serves the
+    children's metrics and health on it (``health.ChildrenEndpoint``).
     """
+    endpoint = health.ChildrenEndpoint(settings)
+    env = {**os.environ, **endpoint.env}
     procs = {
         proc.pid: proc
         for proc in (
-            subprocess.Popen([sys.executable, "-m", "dagster_taskiq_cancel", *argv])
+            subprocess.Popen([sys.executable, "-m", "dagster_taskiq_cancel", *argv], env=env)
             for _ in range(count)
         )
     }
+    endpoint.live.update(procs)
+    try:
+        return _wait_for_processes(procs, endpoint)
+    finally:
+        endpoint.close()
+
+
+def _wait_for_processes(
+    procs: Mapping[int, subprocess.Popen[bytes]], endpoint: health.ChildrenEndpoint
+) -> int:
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
@@ -147,6 +165,7 @@ def run_processes(argv: Sequence[str], count: int) -> int:
         if proc is None:
             continue
         proc.returncode = os.waitstatus_to_exitcode(status)
+        endpoint.process_dead(pid)
         if not stopping:
             logger.error(
                 "Worker process %s exited unexpectedly (code %s); stopping the others",

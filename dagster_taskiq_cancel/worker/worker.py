@@ -61,7 +61,7 @@ from dagster_taskiq_cancel.tasks import (
     claim_tag,
 )
 from dagster_taskiq_cancel.timing import finite_seconds, tag_seconds
-from dagster_taskiq_cancel.worker import children
+from dagster_taskiq_cancel.worker import children, metrics
 from dagster_taskiq_cancel.worker.authority import (
     RUN_STARTABLE,
     cancel_recorded,
@@ -153,7 +153,8 @@ class Worker:
         interrupted, so later calls queue behind it, and the heartbeat loop fences the work.
         """
         future = asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
-        return await asyncio.wait_for(future, self.settings.heartbeat_timeout_seconds / 2)
+        timeout = self.settings.heartbeat_timeout_seconds / 2
+        return await metrics.storage_call(fn, asyncio.wait_for(future, timeout))
 
     async def execute(
         self,
@@ -172,9 +173,11 @@ class Worker:
         """
         if task_id in self.broker.released:
             logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
+            metrics.task_not_started(task_id, step_key, "dropped")
             return
         if task_id in self.held or task_id in self._recent:
             logger.info("Dropping duplicate delivery of task %s", task_id)
+            metrics.task_not_started(task_id, step_key, "dropped")
             return
         self._remember(task_id)
         try:
@@ -182,15 +185,18 @@ class Worker:
                 self._prepare, task_id, run_id, step_key, attempt, resume
             )
             if isinstance(prepared, DagsterRunStatus):
+                metrics.task_not_started(task_id, step_key, "skipped")
                 await self._ack(run_id, step_key, task_id, "skipped", f"run was {prepared.value}")
                 return
             if prepared is None:
+                metrics.task_not_started(task_id, step_key, "dropped")
                 return
             run, argv, env = prepared
             process = await children.spawn(argv, env)
         except Exception:
             error = serializable_error_info_from_exc_info(sys.exc_info())
             logger.exception("Could not start task %s of run %s", task_id, run_id)
+            metrics.task_not_started(task_id, step_key, "start_failed")
             message = f"Worker {self.worker_id} could not start the task: {error.message.strip()}"
             with contextlib.suppress(Exception):
                 await self._storage_call(self._fail_task, run_id, step_key, message, error)
@@ -263,7 +269,7 @@ class Worker:
     def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The worker's environment for a child, with its own cancel deadline file."""
         cancel_file = self._cancel_dir / f"{uuid.uuid4().hex}.deadline"
-        return {**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)}
+        return metrics.child_env({**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)})
 
     def _fail_task(
         self,
@@ -352,6 +358,7 @@ class Worker:
     async def _run_child(self, held: HeldTask) -> None:
         task_id, run_id, step_key, process = held.task_id, held.run_id, held.step_key, held.process
         self.held[task_id] = held
+        metrics.task_started(held)
         logger.info("Started task %s (run %s) as pid %s", task_id, run_id, process.pid)
         # A cancel may have landed between the start check and the spawn: look again now.
         self._wake.set()
@@ -364,6 +371,7 @@ class Worker:
         finally:
             held.exited.set()
             self.held.pop(task_id, None)
+            metrics.task_exited(held)
             children.kill_group(process.pid)
             held.cancel_file.unlink(missing_ok=True)
             if all(h.run_id != run_id for h in self.held.values()):
@@ -375,6 +383,7 @@ class Worker:
             # The run storage decides the run's status anyway; the ack must still go out.
             logger.exception("Could not settle the run of task %s", task_id)
             cleanup = False
+        metrics.task_ended(held, returncode, self.instance, self._storage)
         if not held.cancel or held.fenced_because is not None:
             return  # finished on its own, or stopped by a drain: no ack, and never a cleanup
         outcome: Outcome = "killed" if held.killed else "cancelled"
@@ -383,7 +392,7 @@ class Worker:
             detail = "stopped before Dagster started the run; none of it ran"
         if cleanup:
             context = CleanupContext(run_id, step_key, outcome, 0, dict(held.tags))
-            error = await run_cleanup(context, os.environ)
+            error = await run_cleanup(context, metrics.child_env(os.environ))
             if error is not None:
                 outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
         await self._ack(run_id, step_key, task_id, outcome, detail, held)
@@ -496,6 +505,7 @@ class Worker:
                 await self.check_held()
             except Exception:
                 logger.exception("Run storage check failed; trying again next interval")
+            metrics.loop_tick(metrics.POLL_LOOP)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
             self._wake.clear()
@@ -518,6 +528,7 @@ class Worker:
                 logger.warning("Could not write the heartbeat (%.0fs without): %r", silent, exc)
                 if silent >= timeout * 2 / 3:
                     self._fence(f"it could not write its heartbeat for {silent:.0f}s")
+            metrics.loop_tick(metrics.HEARTBEAT_LOOP)
             await asyncio.sleep(timeout / 6)
 
     def _fence(self, why: str, only: HeldTask | None = None) -> None:
@@ -665,7 +676,9 @@ class Worker:
         """
         names = self.broker.names
         while True:
-            for message in await self.broker.receive(names.cancels, 10):
+            messages = await self.broker.receive(names.cancels, 10)
+            metrics.loop_tick(metrics.CANCEL_LOOP)
+            for message in messages:
                 try:
                     await self._handle_cancel(message)
                 except Exception:
@@ -679,6 +692,7 @@ class Worker:
             request = self.codec.loads(CancelRequest, message.get("Body", ""))
         except MalformedMessage as exc:
             self.rejected += 1
+            metrics.cancel_request("malformed")
             logger.warning(
                 "Deleting malformed cancel message %s: %s (%d rejected so far)",
                 message.get("MessageId"),
@@ -689,7 +703,9 @@ class Worker:
         if any(h.run_id == request.run_id for h in self.held.values()):
             self._pending_requests[request.run_id] = request
             self._wake.set()
+            metrics.cancel_request("woke")
             return
+        metrics.cancel_request("not_running")
         await self._ack(
             request.run_id, request.step_key, "", "not_running", "", request=request, retry=False
         )
@@ -710,6 +726,7 @@ class Worker:
         Only ``not_running`` (an answer to a hint, counted and nothing else) is tried once: its
         retries must not hold up the cancel loop.
         """
+        metrics.stop_outcome(outcome)
         request = request or (held.request if held else None)
         ack = CancelAck(
             request_id=request.request_id if request else None,

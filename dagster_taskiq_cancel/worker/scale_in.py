@@ -5,8 +5,9 @@ end CANCELED. When Dagster's run monitoring would resume a run (``run_will_resum
 attempts left), its run process is stopped with the run left STARTED and, once every process
 of the task is gone and the worker's last main-queue poll has answered, the run is marked
 released: the launcher's health check then reports the worker FAILED at run monitoring's next
-iteration, which resumes the run on another worker (rather than a heartbeat timeout later). Otherwise the run is failed before the stop, with a
-message that names the worker, so that the failure does not read as an unexplained interrupt.
+iteration, which resumes the run on another worker (rather than a heartbeat timeout later).
+Otherwise the run is failed before the stop, with a message that names the worker, so that the
+failure does not read as an unexplained interrupt.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ def record_leaving(
     """Before the stop: say why the task stops; fail its run unless it will be resumed.
 
     Returns True when the run is left for run monitoring to resume (``release`` it once
-    stopped).
-    A step task only gets the event: its step process records the step's failure itself.
+    stopped). A step task only gets the event: its step process records its failure itself.
     """
     run = instance.get_run_by_id(run_id)
     if run is None or run.is_finished:

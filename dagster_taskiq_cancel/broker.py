@@ -169,7 +169,7 @@ class CancellableSqsBroker(AsyncBroker):
         The long poll is shielded: taskiq cancels it at shutdown, but SQS keeps an abandoned
         poll open for its wait time and hands it any task sent meanwhile, which then stays
         invisible for the visibility timeout (a resume sent as this worker leaves, say).
-        ``release_unstarted`` waits for that answer and hands it back.
+        ``release_late`` waits for that answer and hands it back.
         """
         while not self._closing:
             receiving = self._receiving = asyncio.ensure_future(
@@ -179,7 +179,7 @@ class CancellableSqsBroker(AsyncBroker):
             )
             messages = await asyncio.shield(receiving)
             if self._closing:
-                return  # release_unstarted hands these back
+                return  # release_late hands these back
             self._receiving = None
             for message in messages:
                 body = message.get("Body", "")
@@ -245,11 +245,11 @@ class CancellableSqsBroker(AsyncBroker):
         """The messages of a poll cut short by the shutdown; none if SQS does not answer."""
         if receiving is None:
             return []
-        done, _ = await asyncio.wait(
-            {receiving}, timeout=self.settings.wait_time_seconds + _ANSWER_SLACK
-        )
-        if not done or receiving.cancelled() or receiving.exception() is not None:
-            receiving.cancel()
+        try:
+            await asyncio.wait({receiving}, timeout=self.settings.wait_time_seconds + _ANSWER_SLACK)
+        finally:
+            receiving.cancel()  # no-op once answered; else it would retry past the shutdown
+        if receiving.cancelled() or receiving.exception() is not None:
             logger.warning("The main-queue poll cut short by the shutdown did not answer")
             return []
         return receiving.result()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aioboto3
@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 _BACKOFF_START = 0.5
 _BACKOFF_MAX = 10.0
+_ANSWER_SLACK = 5.0  # beyond its wait time, for a long poll's answer to arrive
 _SQS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError)
 
 
@@ -69,6 +70,8 @@ class CancellableSqsBroker(AsyncBroker):
         self._outage: str | None = None
         self._unacked: dict[str, str] = {}  # receipt handle -> task id, received not yet started
         self.released: set[str] = set()  # task ids handed back at shutdown: never start them
+        self._receiving: asyncio.Future[list[dict[str, Any]]] | None = None  # main-queue poll
+        self._closing = False
 
     async def startup(self) -> None:
         """Open the client and resolve every queue URL, failing with what to change."""
@@ -207,14 +210,26 @@ class CancellableSqsBroker(AsyncBroker):
             logger.warning("SQS receive failed, retrying with backoff: %s", self._outage)
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        """Yield main-queue tasks one at a time; set aside what is not one of our tasks."""
-        while True:
-            messages = await self.receive(
-                self.names.main,
-                1,
-                visibility_timeout=self.settings.visibility_timeout_seconds,
-                attributes=POINTER_ATTRIBUTES,
+        """Yield main-queue tasks one at a time; set aside what is not one of our tasks.
+
+        The long poll is shielded: taskiq cancels it at shutdown, but SQS keeps an abandoned
+        poll open for its wait time and hands it any task sent meanwhile, which then stays
+        invisible for the visibility timeout (a resume sent as this worker leaves, say).
+        ``release_late`` waits for that answer and hands it back.
+        """
+        while not self._closing:
+            receiving = self._receiving = asyncio.ensure_future(
+                self.receive(
+                    self.names.main,
+                    1,
+                    visibility_timeout=self.settings.visibility_timeout_seconds,
+                    attributes=POINTER_ATTRIBUTES,
+                )
             )
+            messages = await asyncio.shield(receiving)
+            if self._closing:
+                return  # release_late hands these back
+            self._receiving = None
             for message in messages:
                 receipt = message["ReceiptHandle"]
                 try:
@@ -293,10 +308,33 @@ class CancellableSqsBroker(AsyncBroker):
         Called when a worker shuts down: other workers take them now instead of after the
         visibility timeout, and this worker never starts them.
         """
+        self._closing = True
+        unacked, self._unacked = self._unacked, {}
+        return await self._hand_back(unacked)
+
+    async def release_late(self) -> int:
+        """After ``release_unstarted``: wait for the main-queue poll the shutdown cut short (at
+        most its wait time) and hand back what it brings."""
+        late = {}
+        for message in await self._answer_of(self._receiving):
+            body = message.get("Body", "")
+            # A malformed one is handed back too, for the next receiver to set aside.
+            task_id = (
+                "" if self.reject_reason(body) else self.formatter.loads(body.encode()).task_id
+            )
+            late[message["ReceiptHandle"]] = task_id
+        self._receiving = None
+        handed_back = await self._hand_back(late)
+        if handed_back:
+            logger.info("Handed %d task(s) of the last poll back to the queue", handed_back)
+        return handed_back
+
+    async def _hand_back(self, messages: Mapping[str, str]) -> int:
+        """Make these main-queue messages (receipt handle -> task id) visible again at once."""
         handed_back = 0
-        for receipt, task_id in list(self._unacked.items()):
-            self._unacked.pop(receipt, None)
-            self.released.add(task_id)
+        for receipt, task_id in messages.items():
+            if task_id:
+                self.released.add(task_id)
             try:
                 await self._client.change_message_visibility(
                     QueueUrl=self._urls[self.names.main], ReceiptHandle=receipt, VisibilityTimeout=0
@@ -306,6 +344,21 @@ class CancellableSqsBroker(AsyncBroker):
                 metrics.sqs_error("change_visibility")
                 logger.warning("Could not hand back task %s: %s", task_id, exc)
         return handed_back
+
+    async def _answer_of(
+        self, receiving: asyncio.Future[list[dict[str, Any]]] | None
+    ) -> list[dict[str, Any]]:
+        """The messages of a poll cut short by the shutdown; none if SQS does not answer."""
+        if receiving is None:
+            return []
+        try:
+            await asyncio.wait({receiving}, timeout=self.settings.wait_time_seconds + _ANSWER_SLACK)
+        finally:
+            receiving.cancel()  # no-op once answered; else it would retry past the shutdown
+        if receiving.cancelled() or receiving.exception() is not None:
+            logger.warning("The main-queue poll cut short by the shutdown did not answer")
+            return []
+        return receiving.result()
 
     def settle(self, receipt_handle: str) -> bool:
         """Whether a starting task's message should be deleted (False once handed back)."""

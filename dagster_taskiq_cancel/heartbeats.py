@@ -58,8 +58,8 @@ def worker_health(
     if run.tags.get(RELEASED_TAG) == worker_id:
         return CheckRunHealthResult(
             WorkerStatus.FAILED,
-            f"worker {worker_id} killed the run process: it had lost the run storage "
-            "(see the run's events)",
+            f"worker {worker_id} released the run: it stopped the run process (it lost the "
+            "run storage, or it shut down; see the run's events)",
         )
     stale = staleness(instance, worker_id, timeout_seconds)
     if stale is not None:

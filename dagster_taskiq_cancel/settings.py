@@ -93,7 +93,10 @@ class TaskiqCancelSettings(dg.Config):
     drain_seconds: float = Field(
         default=30.0,
         ge=0,
-        description="On SIGTERM a worker stops receiving and lets running work finish this long.",
+        description=(
+            "On SIGTERM a worker stops receiving and lets running work finish this long; then it "
+            "stops it, leaving each run to run monitoring's resume if that is on, else failing it."
+        ),
     )
     heartbeat_timeout_seconds: float = Field(
         default=60.0,

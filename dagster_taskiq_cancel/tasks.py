@@ -40,7 +40,8 @@ QUEUE_TAG = f"{TAG_PREFIX}queue"
 WORKER_ID_TAG = f"{TAG_PREFIX}worker_id"
 CLAIM_TAG = f"{TAG_PREFIX}claim"
 RESUME_SENT_TAG = f"{TAG_PREFIX}resume_sent_at"  # when the latest resume task was sent
-RELEASED_TAG = f"{TAG_PREFIX}released_by"  # a worker that killed its run process (fencing)
+# A worker that stopped its run process for another to resume the run (fencing, scale-in).
+RELEASED_TAG = f"{TAG_PREFIX}released_by"
 
 _FORMATTER = JSONFormatter()
 

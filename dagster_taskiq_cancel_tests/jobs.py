@@ -65,6 +65,23 @@ def sleepy_job() -> None:
     sleeper()
 
 
+@dg.op
+def slow_first(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Sleeps on its first execution only: a resumed run then finishes at once."""
+    _record_start(context, config.marker_dir)
+    executions = Path(config.marker_dir) / f"{context.run_id}.executions"
+    if len(executions.read_text().splitlines()) > 1:
+        return
+    deadline = time.monotonic() + config.seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@dg.job(executor_def=dg.in_process_executor)
+def slow_first_job() -> None:
+    slow_first()
+
+
 @dg.job(executor_def=dg.in_process_executor)
 def stubborn_job() -> None:
     stubborn()

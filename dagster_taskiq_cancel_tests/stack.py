@@ -4,6 +4,7 @@ launcher, and real worker processes, each stopped by its pid."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,9 @@ from dagster import (
     reconstructable,
 )
 from dagster._core.utils import make_new_run_id
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._core.workspace.load_target import EmptyWorkspaceTarget
+from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.queues import SyncQueues
@@ -275,6 +279,19 @@ class Deployment:
         run = self.instance.get_run_by_id(run_id)
         assert run is not None
         return run.tags
+
+
+def monitor_until(
+    deployment: Deployment, condition: Callable[[], T], timeout: float, what: str
+) -> T:
+    """Run Dagster's own run-monitoring iteration (as its daemon does) until ``condition``."""
+    with WorkspaceProcessContext(deployment.instance, EmptyWorkspaceTarget()) as context:
+
+        def tick() -> T:
+            list(execute_run_monitoring_iteration(context, logging.getLogger("monitoring")))
+            return condition()
+
+        return wait_for(tick, timeout, what, interval=0.5)
 
 
 def create_pending_runs(

@@ -10,14 +10,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
 from dagster import DagsterRunStatus
 from prometheus_client.parser import text_string_to_metric_families
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 
 P = "dagster_taskiq_cancel_"
 Samples = list[tuple[str, dict[str, str], float]]
@@ -68,7 +67,7 @@ def probe(deployment: Deployment, *args: str) -> subprocess.CompletedProcess[str
     )
 
 
-@pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
+@MOTO_ONLY
 def test_two_worker_processes_count_runs_and_cancels_on_one_endpoint(
     deployment: Deployment,
 ) -> None:
@@ -119,7 +118,7 @@ def test_two_worker_processes_count_runs_and_cancels_on_one_endpoint(
     print("\n" + get(port, "/metrics")[1])
 
 
-@pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
+@MOTO_ONLY
 def test_readiness_turns_unhealthy_while_the_run_storage_is_locked_and_recovers(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:

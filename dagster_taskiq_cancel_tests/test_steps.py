@@ -8,6 +8,7 @@ import pickle
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -16,8 +17,15 @@ from dagster import DagsterRunStatus
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import STOPPED_OUTCOMES, CancelAck, parse_message
 from dagster_taskiq_cancel.queues import boto_client_kwargs
-from dagster_taskiq_cancel.tasks import EXECUTE_STEP, step_task_id
-from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, task_pids, wait_for
+from dagster_taskiq_cancel.tasks import EXECUTE_STEP, TASK_ID_TAG, step_task_id
+from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
+    Deployment,
+    monitor_until,
+    pid_alive,
+    task_pids,
+    wait_for,
+)
 from dagster_taskiq_cancel_tests.step_jobs import (
     StepRecord,
     fan_job,
@@ -126,6 +134,38 @@ def test_terminate_stops_every_step_on_every_worker(deployment: Deployment) -> N
     assert not [
         m for m in deployment.engine_messages(run_id) if f"{run_id}:part" in m and m.endswith(":1.")
     ]
+
+
+@MOTO_ONLY
+def test_terminate_stops_every_step_of_a_run_that_could_resume(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """With resume on, Dagster's executor does not forward the interrupt to its steps (dagster
+    issues 21476, 33923): the workers holding them stop them from the run storage; and run
+    monitoring never resumes the cancelled run."""
+    monitoring = {"enabled": True, "max_resume_run_attempts": 3, "poll_interval_seconds": 1}
+    deployment = Deployment(
+        tmp_path, sqs_server.endpoint_url, instance_config={"run_monitoring": monitoring}
+    )
+    try:
+        for _ in range(2):
+            deployment.start_worker("--concurrency", "2")
+        run_id = _launch(deployment, width=2, seconds=600)
+        parts = _running_parts(deployment, run_id, 2)
+        started = time.monotonic()
+        assert deployment.instance.run_launcher.terminate(run_id)
+        _wait_gone([r.pid for r in parts], _stop_deadline(deployment))
+        print(f"terminate -> last of 2 step processes gone: {time.monotonic() - started:.3f}s")
+        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=60)
+        messages = deployment.engine_messages(run_id)
+        assert any("not forwarding to steps because run will be resumed" in m for m in messages)
+        monitor_until(deployment, deployment.queue_empty, 30, "queues empty, monitoring on")
+        assert not any("Resuming run" in m for m in deployment.engine_messages(run_id))
+        assert deployment.tags(run_id)[TASK_ID_TAG] == run_id, "no resume task was sent"
+        assert deployment.status(run_id) == DagsterRunStatus.CANCELED
+        assert all(r.attempt == 0 for r in step_records(deployment.markers, run_id))
+    finally:
+        deployment.stop()
 
 
 @MOTO_ONLY

@@ -87,17 +87,21 @@ async def _serve(worker: Worker) -> None:
     handed_back = await worker.broker.release_unstarted()
     if handed_back:
         logger.info("Handed %d received, unstarted task(s) back to the queue", handed_back)
+    # The main-queue poll in flight answers within its wait time; a worker that hands runs over
+    # for a resume waits for it (``stop_all``), so that the resume is not sent to that poll.
+    late = asyncio.create_task(worker.broker.release_late())
     if failure is None:
         await asyncio.wait([receiving], timeout=settings.drain_seconds)
-        await worker.stop_all()
+        await worker.stop_all(queue_closed=late)
     else:
-        await worker.stop_all(failure)
+        await worker.stop_all(failure, late)
         # The stopped tasks end (ack, cleanup) before the loop is torn down.
         await asyncio.wait([receiving], timeout=settings.drain_seconds)
+    late.cancel()
     signalled.cancel()
     for task in loops:
         task.cancel()
-    await asyncio.gather(*loops, signalled, return_exceptions=True)
+    await asyncio.gather(*loops, signalled, late, return_exceptions=True)
     if failure is not None:
         raise WorkerLoopFailed(f"worker {worker.worker_id}: {failure}")
     logger.info("Worker %s stopped", worker.worker_id)

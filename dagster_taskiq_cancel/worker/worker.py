@@ -61,7 +61,7 @@ from dagster_taskiq_cancel.tasks import (
     claim_tag,
 )
 from dagster_taskiq_cancel.timing import finite_seconds, tag_seconds
-from dagster_taskiq_cancel.worker import children, metrics
+from dagster_taskiq_cancel.worker import children, metrics, scale_in
 from dagster_taskiq_cancel.worker.authority import (
     RUN_STARTABLE,
     cancel_recorded,
@@ -98,7 +98,9 @@ class HeldTask:
     start_checked: bool = False  # run task: event log checked for a cancel RUN_START overwrote
     ended_since: float | None = None  # when the run was first seen ended while this still ran
     fenced_because: str | None = None  # killed as another worker may run it now (fencing)
+    handed_over: bool = False  # stopped at shutdown for run monitoring to resume (scale_in)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the run's record is written
 
 
 class Worker:
@@ -383,6 +385,8 @@ class Worker:
             # The run storage decides the run's status anyway; the ack must still go out.
             logger.exception("Could not settle the run of task %s", task_id)
             cleanup = False
+        finally:
+            held.settled.set()
         metrics.task_ended(held, returncode, self.instance, self._storage)
         if not held.cancel or held.fenced_because is not None:
             return  # finished on its own, or stopped by a drain: no ack, and never a cleanup
@@ -412,16 +416,6 @@ class Worker:
             step_key=held.step_key,
         )
 
-    def _record_shutdown(self, held: HeldTask, why: str) -> None:
-        run = self.instance.get_run_by_id(held.run_id)
-        if run is not None:
-            self.instance.report_engine_event(
-                f"Worker {self.worker_id} is shutting down and {why}: "
-                f"stopping task {held.task_id}.",
-                run,
-                step_key=held.step_key,
-            )
-
     def _settle(self, held: HeldTask, returncode: int | None) -> bool:
         """Leave the run in a true state once the task's child is gone; True to run cleanup.
 
@@ -430,10 +424,13 @@ class Worker:
         the status again so that the sensor ends the run CANCELED. A run process that failed the
         run after a cancel (the interrupt landed in a resume's start-up, or a start race) ends
         it CANCELED, as asked. A run process that died without ending a run nobody cancelled
-        (OOM kill, crash) fails the run. A superseded task (fenced off) leaves the run alone.
+        (OOM kill, crash) fails the run. A superseded task (fenced off) leaves the run alone, and
+        one stopped at shutdown for a resume is left to ``stop_all`` to release (``scale_in``).
         """
         if held.fenced_because is not None:
             self._record_fence(held)
+            return False
+        if held.handed_over and scale_in.awaits_resume(self.instance, held.run_id):
             return False
         run = self.instance.get_run_by_id(held.run_id)
         if run is None or held.step_key is not None:
@@ -756,17 +753,41 @@ class Worker:
 
     # --- shutdown --------------------------------------------------------------------------------
 
-    async def stop_all(self, why: str = "its drain time ran out") -> None:
-        """Stop every held task as a cancellation would, and wait until each child is gone.
+    async def stop_all(
+        self, why: str = "its drain time ran out", queue_closed: asyncio.Task[int] | None = None
+    ) -> None:
+        """Stop every held task, and wait until each child is gone and its run settled.
 
-        Used when a drain runs out or a loop died: the run's log says the worker shut down and
-        why, so the FAILURE that Dagster then records is not mistaken for a user's cancel.
+        Used when a drain runs out or a loop died. Nobody cancelled this work: a run that run
+        monitoring will resume is handed over, any other is failed with the reason
+        (``scale_in``). A handed-over run is released once its processes are gone and
+        ``queue_closed`` is done (this worker's last main-queue poll answered), so that its
+        resume goes to another worker. Tasks already stopping (a cancel) finish as they were.
         """
-        for held in list(self.held.values()):
+        tasks = list(self.held.values())
+        for held in tasks:
+            if held.stop_started_at is not None:
+                continue
             with contextlib.suppress(Exception):
-                await self._storage_call(self._record_shutdown, held, why)
+                held.handed_over = await self._storage_call(
+                    scale_in.record_leaving,
+                    self.instance,
+                    self.worker_id,
+                    held.run_id,
+                    held.task_id,
+                    held.step_key,
+                    why,
+                )
             self.stop(held)
-        await asyncio.gather(*(h.exited.wait() for h in list(self.held.values())))
+        await asyncio.gather(*(h.settled.wait() for h in tasks))
+        handed_over = [h for h in tasks if h.handed_over]
+        if handed_over and queue_closed is not None:
+            await asyncio.wait([queue_closed])
+        for held in handed_over:
+            with contextlib.suppress(Exception):
+                await self._storage_call(
+                    scale_in.release, self.instance, self.worker_id, held.run_id, held.task_id
+                )
 
     def close(self) -> None:
         self._storage.shutdown(wait=False)

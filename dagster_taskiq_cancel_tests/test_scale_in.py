@@ -1,0 +1,101 @@
+"""Scale-in: a worker stopped with SIGTERM drains, then hands its runs on or fails them.
+
+With run monitoring's resume on, the drained worker's run resumes on another worker (at the
+next monitoring iteration, not a heartbeat timeout later) and succeeds; with it off, the run
+fails and says which worker was stopped. Nobody asked to cancel: it never ends CANCELED.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dagster import DagsterEventType, DagsterRunStatus
+
+from dagster_taskiq_cancel.local_sqs import LocalSqsServer
+from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, claim_tag, resume_task_id
+from dagster_taskiq_cancel_tests.jobs import slow_first_job
+from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
+    Deployment,
+    monitor_until,
+    pid_alive,
+    stop_process,
+    wait_for,
+    worker_pid,
+)
+
+pytestmark = MOTO_ONLY
+
+RESUME = {"enabled": True, "max_resume_run_attempts": 3, "poll_interval_seconds": 1}
+# Far above the test's waits: a resume must not wait for the drained worker's heartbeat to age.
+HEARTBEAT_TIMEOUT = 120
+
+
+def _drain_holder(deployment: Deployment, run_id: str, successors: int) -> str:
+    """Start the run's worker, then ``successors`` more; SIGTERM the first once the run's op
+    runs; the drained worker's id once it exited."""
+    holder = deployment.start_worker()
+    worker_id = wait_for(lambda: deployment.tags(run_id).get(WORKER_ID_TAG), 60, "the claim")
+    assert worker_pid(worker_id) == holder.pid
+    for _ in range(successors):  # while the run process starts: it holds the run already
+        deployment.start_worker()
+    pid = deployment.op_pid(run_id)
+    deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+    stop_process(holder)
+    assert holder.returncode == 0, deployment.worker_log(0)
+    assert not pid_alive(pid), "the drained worker's run process is gone"
+    return worker_id
+
+
+def _never_cancelled(deployment: Deployment, run_id: str) -> None:
+    cancels = {DagsterEventType.RUN_CANCELING, DagsterEventType.RUN_CANCELED}
+    assert not deployment.instance.get_records_for_run(run_id, of_type=cancels).records
+
+
+def test_a_drained_workers_run_resumes_on_another_worker_and_succeeds(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    deployment = Deployment(
+        tmp_path,
+        sqs_server.endpoint_url,
+        instance_config={"run_monitoring": RESUME},
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
+    )
+    try:
+        run_id = deployment.launch(slow_first_job, seconds=300)
+        drained = _drain_holder(deployment, run_id, successors=1)
+        assert deployment.status(run_id) == DagsterRunStatus.STARTED, "left for the resume"
+        monitor_until(
+            deployment,
+            lambda: any("Resuming run" in m for m in deployment.engine_messages(run_id)),
+            30,
+            "run monitoring to resume the run",
+        )
+        claim = claim_tag(run_id, resume_task_id(run_id, 1))
+        wait_for(lambda: claim in deployment.tags(run_id), 60, f"{claim} on the run")
+        assert deployment.tags(run_id)[WORKER_ID_TAG] != drained
+        assert worker_pid(deployment.tags(run_id)[WORKER_ID_TAG]) == deployment.workers[1].pid
+        deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=60)
+        assert deployment.executions(run_id) == 2  # interrupted once, then done on the other
+        assert any(drained in m and "resume" in m for m in deployment.engine_messages(run_id)), (
+            "the run's log says which worker handed it on"
+        )
+        _never_cancelled(deployment, run_id)
+    finally:
+        deployment.stop()
+
+
+def test_without_resume_a_drained_workers_run_fails_naming_the_worker(
+    deployment: Deployment,
+) -> None:
+    run_id = deployment.launch(slow_first_job, seconds=300)
+    drained = _drain_holder(deployment, run_id, successors=0)
+    deployment.wait_status(run_id, {DagsterRunStatus.FAILURE}, timeout=30)
+    failures = deployment.instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.RUN_FAILURE
+    ).records
+    assert len(failures) == 1
+    event = failures[0].event_log_entry.dagster_event
+    assert event is not None and drained in (event.message or ""), event
+    assert "stopped" in (event.message or "")
+    _never_cancelled(deployment, run_id)

@@ -70,6 +70,7 @@ from dagster_taskiq_cancel.worker.authority import (
     is_cancelled,
     run_started,
 )
+from dagster_taskiq_cancel.worker.canceled import record_canceled
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
@@ -418,10 +419,12 @@ class Worker:
 
         A run task whose run holds a cancel is a cancel, even if the child exited by itself (it
         read CANCELING at start) or Dagster's RUN_START overwrote the cancel: CANCELING is made
-        the status again so that the sensor ends the run CANCELED. A run process that failed the
+        the status again, and the run ends CANCELED. A run process that failed the
         run after a cancel (the interrupt landed in a resume's start-up, or a start race) ends
-        it CANCELED, as asked. A run process that died without ending a run nobody cancelled
-        (OOM kill, crash) fails the run. A superseded task (fenced off) leaves the run alone.
+        it CANCELED, as asked. A cancelled run its process left unended (SIGKILLed, killed before
+        RUN_START, or exited) is recorded CANCELED at once (``record_canceled``), not at the
+        sensor's next tick. A run process that died without ending a run nobody cancelled (OOM
+        kill, crash) fails the run. A superseded task (fenced off) leaves the run alone.
         """
         if held.fenced_because is not None:
             self._record_fence(held)
@@ -449,10 +452,32 @@ class Worker:
             return False
         if not run.is_finished and run.status != DagsterRunStatus.CANCELING:
             self._reassert_cancel(run)
+        if not run.is_finished:
+            record_canceled(
+                self.instance,
+                run.run_id,
+                self.worker_id,
+                self._what_stopped(held, returncode),
+                {"task_id": held.task_id, "exit_code": returncode},
+            )
         return (
             held.stop_started_at is not None
             and not held.before_start
             and run.status != DagsterRunStatus.SUCCESS
+        )
+
+    @staticmethod
+    def _what_stopped(held: HeldTask, returncode: int | None) -> str:
+        if held.before_start:
+            return f"task {held.task_id} was killed before Dagster started the run; none of it ran"
+        if held.killed:
+            return (
+                f"the run process of task {held.task_id} did not stop within its grace and was "
+                f"killed with SIGKILL (exit code {returncode})"
+            )
+        return (
+            f"the run process of task {held.task_id} exited (code {returncode}) without ending "
+            "the run"
         )
 
     def _reassert_cancel(self, run: DagsterRun) -> None:

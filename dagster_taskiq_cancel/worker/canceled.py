@@ -23,6 +23,18 @@ def _still_canceling(instance: DagsterInstance, run_id: str) -> DagsterRun | Non
     return run if run is not None and run.status == DagsterRunStatus.CANCELING else None
 
 
+def what_stopped(task_id: str, returncode: int | None, before_start: bool, killed: bool) -> str:
+    """What left the run unended, for the engine event."""
+    if before_start:
+        return f"task {task_id} was killed before Dagster started the run; none of it ran"
+    if killed:
+        return (
+            f"the run process of task {task_id} did not stop within its grace and was killed "
+            f"with SIGKILL (exit code {returncode})"
+        )
+    return f"the run process of task {task_id} exited (code {returncode}) without ending the run"
+
+
 def record_canceled(
     instance: DagsterInstance,
     run_id: str,
@@ -30,17 +42,20 @@ def record_canceled(
     what_happened: str,
     metadata: Mapping[str, Any],
 ) -> bool:
-    """CANCELED with an engine event saying ``what_happened``; False if no longer CANCELING."""
+    """CANCELED, saying ``what_happened``; False if the run is no longer CANCELING.
+
+    The status first, as it is what everybody waits for; the details follow as an engine event.
+    """
     run = _still_canceling(instance, run_id)
     if run is None:
         return False
+    instance.report_run_canceled(
+        run,
+        message=f"Worker {worker_id}: {what_happened}; recording CANCELED, as the cancel asked.",
+    )
     instance.report_engine_event(
-        f"Worker {worker_id}: {what_happened}; recording CANCELED now, as the cancel asked.",
+        f"Worker {worker_id} recorded CANCELED: {what_happened}.",
         run,
         EngineEventData({"worker_id": worker_id, **metadata}),
     )
-    run = _still_canceling(instance, run_id)
-    if run is None:
-        return False
-    instance.report_run_canceled(run, message=f"Run canceled by worker {worker_id}.")
     return True

@@ -70,7 +70,7 @@ from dagster_taskiq_cancel.worker.authority import (
     is_cancelled,
     run_started,
 )
-from dagster_taskiq_cancel.worker.canceled import record_canceled
+from dagster_taskiq_cancel.worker.canceled import record_canceled, what_stopped
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
@@ -457,27 +457,13 @@ class Worker:
                 self.instance,
                 run.run_id,
                 self.worker_id,
-                self._what_stopped(held, returncode),
+                what_stopped(held.task_id, returncode, held.before_start, held.killed),
                 {"task_id": held.task_id, "exit_code": returncode},
             )
         return (
             held.stop_started_at is not None
             and not held.before_start
             and run.status != DagsterRunStatus.SUCCESS
-        )
-
-    @staticmethod
-    def _what_stopped(held: HeldTask, returncode: int | None) -> str:
-        if held.before_start:
-            return f"task {held.task_id} was killed before Dagster started the run; none of it ran"
-        if held.killed:
-            return (
-                f"the run process of task {held.task_id} did not stop within its grace and was "
-                f"killed with SIGKILL (exit code {returncode})"
-            )
-        return (
-            f"the run process of task {held.task_id} exited (code {returncode}) without ending "
-            "the run"
         )
 
     def _reassert_cancel(self, run: DagsterRun) -> None:

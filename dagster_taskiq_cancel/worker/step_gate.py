@@ -9,16 +9,16 @@ it past the worker's grace, to a SIGKILL of the whole run.
 
 Here the interrupted run process also sends ``STOP_UNSTARTED`` (SIGUSR1, which Dagster leaves
 alone) to each of its step processes, once. Until the step process enters its first user code
-(resource init or the op: Dagster's ``raise_interrupts_as``), the signal has its default action
-and ends the process at once; the run process reads that death as the step interrupted before it
-began (``launch``), and Dagster ends the run CANCELED as for any interrupted step. From the first
-user code on the signal is ignored (by a Python handler, so processes the op starts still get
-the default), and Dagster's own interrupt reaches the op through the termination event, as
-always. The switch is made before the step process enters user code, and the handler runs on
-its main thread: a step is either stopped before any of its user code ran, or interrupted by
-Dagster, never both. Dying at
-once, rather than raising Dagster's interrupt inside the step process, matters on a busy
-machine: a step process winding Dagster down and exiting took from 1.6 s to over 5 s there.
+(resource init or the op: Dagster's ``raise_interrupts_as``), the signal ends the process at
+once (its default action; then a handler that restores and re-sends it); the run process reads
+that death as the step interrupted before it began (``launch``), and Dagster ends the run
+CANCELED as for any interrupted step. From the first user code on the handler ignores it, and
+Dagster's own interrupt reaches the op through the termination event, as always (a Python
+handler, so processes the op starts still get the default). The switch is made before the step
+process enters user code and the handler runs on its main thread: a step is either stopped
+before any of its user code ran, or interrupted by Dagster, never both. Dying at once, rather
+than raising Dagster's interrupt inside the step process, matters on a busy machine: a step
+process winding Dagster down and exiting took from 1.6 s to over 5 s there.
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ Both correct Dagster behaviours that break a cancel, and act only once a stop ha
   for retry and make the executor send retry attempts of a run that is stopping. The worker
   writes the cancel deadline file before it interrupts cancelled work (``cancellation_requested()``
   is then not None); from then on the step's retry mode reads as disabled.
-- **An interrupt reaches a step process launched while the run handled it.** The multiprocess
-  executor forwards an interrupt only to step processes that already exist; one it launches in
-  the same moment never hears of it and runs to its end. Here a step process started after the
-  executor was interrupted gets its termination event at once.
+- **An interrupt stops a step process that is still starting.** The multiprocess executor
+  forwards an interrupt only to step processes that already exist, and waits for them; one it
+  launches in the same moment never hears of it, and one still starting cannot act on it before
+  its op begins, past the worker's grace. Here every step process of an interrupted executor
+  gets its termination event, and is stopped at once if none of its user code has begun
+  (``step_gate``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dagster._core.execution.retries import RetryMode
 from dagster._core.executor import multiprocess
 
 from dagster_taskiq_cancel.cooperative import cancellation_requested
+from dagster_taskiq_cancel.worker import step_gate
 
 _dagster_retry_mode = StepExecutionContext.retry_mode
 _dagster_mark_interrupted = ActiveExecution.mark_interrupted
@@ -54,20 +57,20 @@ def _execute_step_out_of_process(
     term_events: dict[str, Any],
     *rest: Any,
 ) -> Iterator[Any]:
-    """Dagster's step launch, setting the step's termination event once it has a process."""
+    """Dagster's step launch, stopping the step process once the executor is interrupted."""
     launch = _dagster_execute_step_out_of_process(
         multiproc_ctx, recon_job, step_context, step, errors, processes, term_events, *rest
     )
-    for item in launch:
-        if _interrupted and step.key in processes and not term_events[step.key].is_set():
-            term_events[step.key].set()
-        yield item
+    yield from step_gate.launch(
+        launch, step_context, step.key, processes, term_events, lambda: _interrupted
+    )
 
 
 def main() -> None:
     StepExecutionContext.retry_mode = property(_retry_mode)  # type: ignore[method-assign,assignment]
     ActiveExecution.mark_interrupted = _mark_interrupted  # type: ignore[method-assign]
     multiprocess.execute_step_out_of_process = _execute_step_out_of_process
+    multiprocess.MultiprocessExecutorChildProcessCommand = step_gate.GatedStepCommand  # type: ignore[misc]
     sys.argv = ["dagster", "api", *sys.argv[1:]]
     dagster_main()
 

@@ -70,6 +70,7 @@ from dagster_taskiq_cancel.worker.authority import (
     is_cancelled,
     run_started,
 )
+from dagster_taskiq_cancel.worker.canceled import record_canceled, what_stopped
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
@@ -421,11 +422,13 @@ class Worker:
 
         A run task whose run holds a cancel is a cancel, even if the child exited by itself (it
         read CANCELING at start) or Dagster's RUN_START overwrote the cancel: CANCELING is made
-        the status again so that the sensor ends the run CANCELED. A run process that failed the
+        the status again, and the run ends CANCELED. A run process that failed the
         run after a cancel (the interrupt landed in a resume's start-up, or a start race) ends
-        it CANCELED, as asked. A run process that died without ending a run nobody cancelled
-        (OOM kill, crash) fails the run. A superseded task (fenced off) leaves the run alone, and
-        one stopped at shutdown for a resume is left to ``stop_all`` to release (``scale_in``).
+        it CANCELED, as asked. A cancelled run its process left unended (SIGKILLed, killed before
+        RUN_START, or exited) is recorded CANCELED at once (``record_canceled``), not at the
+        sensor's next tick. A run process that died without ending a run nobody cancelled (OOM
+        kill, crash) fails the run. A superseded task (fenced off) leaves the run alone, and one
+        stopped at shutdown for a resume is left to ``stop_all`` to release (``scale_in``).
         """
         if held.fenced_because is not None:
             self._record_fence(held)
@@ -455,6 +458,14 @@ class Worker:
             return False
         if not run.is_finished and run.status != DagsterRunStatus.CANCELING:
             self._reassert_cancel(run)
+        if not run.is_finished:
+            record_canceled(
+                self.instance,
+                run.run_id,
+                self.worker_id,
+                what_stopped(held.task_id, returncode, held.before_start, held.killed),
+                {"task_id": held.task_id, "exit_code": returncode},
+            )
         return (
             held.stop_started_at is not None
             and not held.before_start

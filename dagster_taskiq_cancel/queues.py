@@ -145,6 +145,10 @@ class SyncQueues:
             self._urls[name] = self.call("get_queue_url", QueueName=name)["QueueUrl"]
         return self._urls[name]
 
+    def remember_url(self, name: str, url: str) -> None:
+        """Use ``url`` for ``name`` without asking SQS (a URL derived or just created)."""
+        self._urls.setdefault(name, url)
+
     def send(self, name: str, body: str, group_id: str, dedup_id: str) -> str:
         """Send one message; FIFO queues get the per-task group and per-request dedup ids."""
         kwargs: dict[str, Any] = {"QueueUrl": self.url(name), "MessageBody": body}

@@ -1,4 +1,4 @@
-"""One worker process's life: start-up checks, the four loops, and a drain on SIGTERM/SIGINT."""
+"""One worker process's life: start-up checks, the five loops, and a drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dagster import DagsterInstance
 from taskiq import AcknowledgeType
 from taskiq.receiver import Receiver
 
+from dagster_taskiq_cancel import hints
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.worker.worker import Worker
 
@@ -23,12 +25,33 @@ logger = logging.getLogger(__name__)
 async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> None:
     """Serve until SIGTERM/SIGINT; then stop receiving, drain, and stop what is left."""
     worker = Worker(settings, instance)
+    queues = SyncQueues(settings)
     try:
         await worker.broker.startup()
-        await _serve(worker)
+        await asyncio.to_thread(_open_hint_queue, worker, queues)
+        try:
+            await _serve(worker)
+        finally:
+            await asyncio.to_thread(_delete_hint_queue, worker, queues)
     finally:
         await worker.broker.shutdown()
         worker.close()
+
+
+def _open_hint_queue(worker: Worker, queues: SyncQueues) -> None:
+    """Create this worker's hint queue, and delete those that dead workers left behind."""
+    worker.broker.add_queue(worker.hint_queue, hints.create(queues, worker.worker_id))
+    hints.remove_stale(
+        queues, worker.instance, worker.settings.heartbeat_timeout_seconds, keep=worker.hint_queue
+    )
+
+
+def _delete_hint_queue(worker: Worker, queues: SyncQueues) -> None:
+    """A failure only leaves the queue for the next starting worker to delete."""
+    try:
+        hints.delete(queues, worker.hint_queue)
+    except SqsError as exc:
+        logger.warning("Could not delete hint queue %s: %s", worker.hint_queue, exc)
 
 
 class WorkerLoopFailed(RuntimeError):
@@ -64,6 +87,7 @@ async def _serve(worker: Worker) -> None:
         asyncio.create_task(worker.poll_loop()): "run storage poll",
         asyncio.create_task(worker.heartbeat_loop()): "heartbeat loop",
         asyncio.create_task(worker.cancel_loop()): "cancel loop",
+        asyncio.create_task(worker.hint_loop()): "hint loop",
     }
     logger.info(
         "Worker %s listening on %s (%s slots, poll every %ss)",

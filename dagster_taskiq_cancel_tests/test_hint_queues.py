@@ -17,7 +17,14 @@ from dagster_taskiq_cancel.messages import CancelRequest
 from dagster_taskiq_cancel.queues import QueueNames
 from dagster_taskiq_cancel.tasks import CLAIM_TAG, WORKER_ID_TAG
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, stop_process, wait_for
+from dagster_taskiq_cancel_tests.stack import (
+    Deployment,
+    pid_alive,
+    stop_process,
+    wait_for,
+    worker_pid,
+)
+from dagster_taskiq_cancel_tests.step_jobs import fan_job, fan_run_config, step_records
 
 MOTO = pytest.mark.parametrize("sqs_server", ["moto"], indirect=True)
 
@@ -25,6 +32,7 @@ READY = re.compile(r"worker (\S+) ready")
 # Far beyond every deadline below: only a hint can stop a run this fast.
 SLOW_POLL = 60.0
 HINT_DEADLINE_S = 3.0
+STEP_DEADLINE_S = 15.0  # a step process's own interrupt handling takes seconds on 2 cores
 
 
 @pytest.fixture
@@ -71,6 +79,36 @@ def test_hint_reaches_the_holder_and_only_the_holder(slow_poll: Deployment) -> N
         for other, index in ids.items():
             if other != holder:
                 assert f"{run_id} from {own}" not in slow_poll.worker_log(index)
+
+
+@MOTO
+def test_steps_hear_the_hint_on_their_holders_queues(slow_poll: Deployment) -> None:
+    """A run whose steps run as tasks on other workers: every worker holding a step hears the
+    hint on its own queue, and every step process is gone long before a poll would act."""
+    for _ in range(3):
+        slow_poll.start_worker("--concurrency", "2")
+    ids = {worker_pid(worker_id(slow_poll, i)): (worker_id(slow_poll, i), i) for i in range(3)}
+    run_id = slow_poll.launch(
+        fan_job, run_config=fan_run_config(slow_poll.root, width=4, seconds=600)
+    )
+    parts = wait_for(
+        lambda: (
+            [r for r in step_records(slow_poll.markers, run_id) if r.step_key != "fan_out"]
+            if len(step_records(slow_poll.markers, run_id)) == 5
+            else []
+        ),
+        180,
+        "4 running steps",
+    )
+    assert slow_poll.instance.run_launcher.terminate(run_id)
+    wait_for(
+        lambda: not any(pid_alive(r.pid) for r in parts), STEP_DEADLINE_S, "step processes gone"
+    )
+    for holder_pid in {r.worker_pid for r in parts}:
+        holder, index = ids[holder_pid]
+        own = hints.hint_queue_name(slow_poll.queues.names, holder)
+        assert f"Cancel hint for held run {run_id} from {own}" in slow_poll.worker_log(index)
+    slow_poll.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=60)
 
 
 @MOTO

@@ -2,7 +2,7 @@
 
 Both `dagster dev` stacks run at once on the example project, as in scenario 2. Each pair
 launches ``long_job`` on both, waits until its step runs, notes the processes the run added
-below the stack (run process and step process; ours also the task's guard), then sends the UI's
+(run process and step process; ours also the task's guard), then sends the UI's
 ``terminateRuns`` and times two things: every one of those processes gone, and the run
 CANCELED in the run storage (read directly, polled every 5 ms, so that the figure is not a
 GraphQL round trip).
@@ -13,8 +13,9 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from benchmarks import ui_terminate
 from benchmarks.harness import Context
@@ -33,18 +34,24 @@ class Samples:
     canceled: list[float] = field(default_factory=list)
 
 
-def processes(stack: DevStack) -> set[int]:
-    return {pid for proc in stack.processes for pid in descendant_pids(proc.pid)}
+def run_processes(stack: DevStack, instance: DagsterInstance, run_id: str) -> set[int]:
+    """The run process (its pid is on the run's RUN_START event), everything below it (the step
+    process, log tailers) and, on our stack, the task's guard above it."""
+    (start,) = instance.all_logs(run_id, of_type=DagsterEventType.RUN_START)
+    pid = start.dagster_event.pid if start.dagster_event else None
+    if pid is None:
+        raise RuntimeError(f"run {run_id}: RUN_START carries no pid")
+    found = {pid, *descendant_pids(pid)}
+    if stack.workers:
+        found.add(int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]))
+    return found
 
 
 def stop_one(stack: DevStack, instance: DagsterInstance, into: Samples) -> None:
     """Launch, wait for the step, then time terminateRuns → processes gone and → CANCELED."""
-    before = processes(stack)
     run_id = ui_terminate.launch(stack)
     wait_for(lambda: ui_terminate.step_running(stack, run_id), 180, f"{run_id} step running")
-    added = processes(stack) - before
-    if not added:
-        raise RuntimeError(f"run {run_id}: no new process found below the stack")
+    added = run_processes(stack, instance, run_id)
     started = time.monotonic()
     result = ui_terminate.graphql(stack, ui_terminate.TERMINATE, ids=[run_id])["terminateRuns"]
     outcomes = [r["__typename"] for r in result.get("terminateRunResults", [])]
@@ -61,7 +68,13 @@ def stop_one(stack: DevStack, instance: DagsterInstance, into: Samples) -> None:
                 canceled = now
         time.sleep(0.005)
     if gone is None or canceled is None:
-        raise RuntimeError(f"run {run_id}: not stopped within {DEADLINE_S:.0f}s")
+        alive = {
+            pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in added if pid_alive(pid)
+        }
+        raise RuntimeError(
+            f"run {run_id}: not stopped within {DEADLINE_S:.0f}s (CANCELED after {canceled}, "
+            f"alive {alive})"
+        )
     into.gone.append(gone)
     into.canceled.append(canceled)
 

@@ -570,8 +570,11 @@ class Worker:
         None of the job has run at that point, so SIGKILL loses nothing.
         """
         held.cancel = True
-        if held.step_key is None and not await self._storage_call(
-            run_started, self.instance, held.run_id
+        # Seen STARTED before (``start_checked``): RUN_START is written, no need to ask again.
+        if (
+            held.step_key is None
+            and not held.start_checked
+            and not await self._storage_call(run_started, self.instance, held.run_id)
         ):
             logger.info("Killing task %s: its run was cancelled before it started", held.task_id)
             held.stop_started_at = time.time()

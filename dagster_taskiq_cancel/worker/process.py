@@ -28,22 +28,23 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
     queues = SyncQueues(settings)
     try:
         await worker.broker.startup()
-        await asyncio.to_thread(_open_hint_queue, worker, queues)
+        url = await asyncio.to_thread(hints.create, queues, worker.worker_id)
         try:
+            worker.broker.add_queue(worker.hint_queue, url)
+            # Those of dead workers; a refusal (IAM) fails the start, after our own is deleted.
+            await asyncio.to_thread(
+                hints.remove_stale,
+                queues,
+                instance,
+                settings.heartbeat_timeout_seconds,
+                worker.hint_queue,
+            )
             await _serve(worker)
         finally:
             await asyncio.to_thread(_delete_hint_queue, worker, queues)
     finally:
         await worker.broker.shutdown()
         worker.close()
-
-
-def _open_hint_queue(worker: Worker, queues: SyncQueues) -> None:
-    """Create this worker's hint queue, and delete those that dead workers left behind."""
-    worker.broker.add_queue(worker.hint_queue, hints.create(queues, worker.worker_id))
-    hints.remove_stale(
-        queues, worker.instance, worker.settings.heartbeat_timeout_seconds, keep=worker.hint_queue
-    )
 
 
 def _delete_hint_queue(worker: Worker, queues: SyncQueues) -> None:

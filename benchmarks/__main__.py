@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from benchmarks import (
+    beside_default,
     bulk_cancel,
     cancel_latency,
     dispatch,
@@ -28,6 +29,7 @@ SCENARIOS: dict[str, Scenario] = {
     "scaling": scaling.run,
     "bulk": bulk_cancel.run,
     "header": ui_header.run,
+    "default": beside_default.run,
 }
 
 

@@ -40,11 +40,12 @@ class Size:
     scaling_cancels: int
     poll_cost_repeats: int
     bulk_runs: int
+    default_pairs: int  # same job under DefaultRunLauncher and ours, back to back
 
 
 SIZES = {
-    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250),
-    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000),
+    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10),
+    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30),
 }
 
 

@@ -103,10 +103,11 @@ def stack_env(ctx: Context) -> dict[str, str]:
     }
 
 
-def start_stacks(ctx: Context) -> tuple[DevStack, DevStack]:
-    ours_home = ctx.scratch("ui-ours") / "home"
-    default_root = default_launcher_root(ctx.scratch("ui-default"))
-    ours = DevStack(REPO, free_port(), 1, stack_env(ctx), home=ours_home)
+def start_stacks(ctx: Context, workers: int = 1) -> tuple[DevStack, DevStack]:
+    """Ours with ``workers`` worker processes, and Dagster's, each in its own scratch folder."""
+    ours_home = ctx.scratch(f"ui-ours-{workers}") / "home"
+    default_root = default_launcher_root(ctx.scratch(f"ui-default-{workers}"))
+    ours = DevStack(REPO, free_port(), workers, stack_env(ctx), home=ours_home)
     default = DevStack(default_root, free_port(), 0, stack_env(ctx), home=default_root / "home")
     return ours, default
 

@@ -105,6 +105,10 @@ class CancellableSqsBroker(AsyncBroker):
                 ) from exc
         metrics.sqs_answered()
 
+    def add_queue(self, name: str, url: str) -> None:
+        """Receive from and delete on one more queue (this worker's hint queue)."""
+        self._urls[name] = url
+
     async def shutdown(self) -> None:
         await self._stack.aclose()
         await super().shutdown()

@@ -24,7 +24,7 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.events import EngineEventData
 from dagster._core.storage.tags import MAX_RETRIES_TAG
 
-from dagster_taskiq_cancel import intents
+from dagster_taskiq_cancel import hints, intents
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 
@@ -252,9 +252,10 @@ class _Canceller:
         if not recorded:
             return []
         codec = codec_for(self.queues.settings)  # signs when a key is configured
-        entries = [
-            (codec.dumps(request), run.run_id, request.request_id) for run, request in recorded
-        ]
+        bodies = [(run, codec.dumps(request), request.request_id) for run, request in recorded]
+        # The holders' own queues first: the holder hears these at once (``hints``).
+        hints.send_to_holders(self.queues, bodies)
+        entries = [(body, run.run_id, dedup_id) for run, body, dedup_id in bodies]
         try:
             failures = self.queues.send_batch(self.queues.names.cancels, entries)
         except SqsError as exc:

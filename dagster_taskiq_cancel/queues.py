@@ -152,6 +152,10 @@ class SyncQueues:
         """The client for task bodies too large for SQS (``payloads``), made on first use."""
         return boto3.client("s3", config=S3_CONFIG, **boto_client_kwargs(self.settings))
 
+    def remember_url(self, name: str, url: str) -> None:
+        """Use ``url`` for ``name`` without asking SQS (a URL derived or just created)."""
+        self._urls.setdefault(name, url)
+
     def send(self, name: str, body: str, group_id: str, dedup_id: str) -> str:
         """Send one message; FIFO queues get the per-task group and per-request dedup ids.
 

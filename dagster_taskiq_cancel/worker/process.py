@@ -1,4 +1,4 @@
-"""One worker process's life: start-up checks, the four loops, and a drain on SIGTERM/SIGINT."""
+"""One worker process's life: start-up checks, the five loops, and a drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from dagster import DagsterInstance
 from taskiq import AcknowledgeType
 from taskiq.receiver import Receiver
 
+from dagster_taskiq_cancel import hints
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.worker import health, metrics
 from dagster_taskiq_cancel.worker.worker import Worker
@@ -25,14 +27,36 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
     """Serve until SIGTERM/SIGINT; then stop receiving, drain, and stop what is left."""
     endpoint = health.serve_process(settings)
     worker = Worker(settings, instance)
+    queues = SyncQueues(settings)
     try:
         await worker.broker.startup()
-        await _serve(worker)
+        url = await asyncio.to_thread(hints.create, queues, worker.worker_id)
+        try:
+            worker.broker.add_queue(worker.hint_queue, url)
+            # Those of dead workers; a refusal (IAM) fails the start, after our own is deleted.
+            await asyncio.to_thread(
+                hints.remove_stale,
+                queues,
+                instance,
+                settings.heartbeat_timeout_seconds,
+                worker.hint_queue,
+            )
+            await _serve(worker)
+        finally:
+            await asyncio.to_thread(_delete_hint_queue, worker, queues)
     finally:
         await worker.broker.shutdown()
         worker.close()
         if endpoint is not None:
             endpoint.close()
+
+
+def _delete_hint_queue(worker: Worker, queues: SyncQueues) -> None:
+    """A failure only leaves the queue for the next starting worker to delete."""
+    try:
+        hints.delete(queues, worker.hint_queue)
+    except SqsError as exc:
+        logger.warning("Could not delete hint queue %s: %s", worker.hint_queue, exc)
 
 
 class WorkerLoopFailed(RuntimeError):
@@ -68,6 +92,7 @@ async def _serve(worker: Worker) -> None:
         asyncio.create_task(worker.poll_loop()): "run storage poll",
         asyncio.create_task(worker.heartbeat_loop()): "heartbeat loop",
         asyncio.create_task(worker.cancel_loop()): "cancel loop",
+        asyncio.create_task(worker.hint_loop()): "hint loop",
     }
     metrics.watch_loops(loops)
     logger.info(

@@ -1,12 +1,13 @@
 """The worker: runs Dagster work in child processes and stops it when its run is no longer live.
 
-Four loops share one event loop:
+Five loops share one event loop:
 
 - taskiq's Receiver takes tasks from the main queue, one per free slot, and calls ``execute``;
 - ``poll_loop`` asks the run storage about every held run every ``poll_interval_seconds``
   (or at once when woken) and stops the children of cancelled runs (see ``authority``);
 - ``heartbeat_loop`` writes the worker's heartbeat, and kills its work if it cannot (fencing);
-- ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills.
+- ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills;
+- ``hint_loop`` reads this worker's own hint queue (``hints``) the same way, while it holds work.
 
 A task names ids only; the child's arguments come from the run storage (``step_args``).
 """
@@ -39,7 +40,7 @@ from dagster._serdes import serialize_value
 from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
-from dagster_taskiq_cancel import heartbeats
+from dagster_taskiq_cancel import heartbeats, hints
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV, announce
@@ -124,6 +125,8 @@ class Worker:
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending_requests: dict[str, CancelRequest] = {}
         self._wake = asyncio.Event()
+        self.hint_queue = hints.hint_queue_name(self.broker.names, self.worker_id)
+        self._holding = asyncio.Event()  # set while a task is held: the hint loop listens
         self.codec = codec_for(settings)
         self.rejected = 0
         # One thread for run-storage calls: they block, and sqlite prefers one writer.
@@ -362,6 +365,7 @@ class Worker:
         task_id, run_id, step_key, process = held.task_id, held.run_id, held.step_key, held.process
         self.held[task_id] = held
         metrics.task_started(held)
+        self._holding.set()
         logger.info("Started task %s (run %s) as pid %s", task_id, run_id, process.pid)
         # A cancel may have landed between the start check and the spawn: look again now.
         self._wake.set()
@@ -585,8 +589,11 @@ class Worker:
         None of the job has run at that point, so SIGKILL loses nothing.
         """
         held.cancel = True
-        if held.step_key is None and not await self._storage_call(
-            run_started, self.instance, held.run_id
+        # Seen STARTED before (``start_checked``): RUN_START is written, no need to ask again.
+        if (
+            held.step_key is None
+            and not held.start_checked
+            and not await self._storage_call(run_started, self.instance, held.run_id)
         ):
             logger.info("Killing task %s: its run was cancelled before it started", held.task_id)
             held.stop_started_at = time.time()
@@ -682,20 +689,34 @@ class Worker:
         Every message is deleted whatever handling it raised: one bad body must never leave the
         worker deaf to the cancels after it.
         """
-        names = self.broker.names
         while True:
-            messages = await self.broker.receive(names.cancels, 10)
+            await self._read_cancels(self.broker.names.cancels)
             metrics.loop_tick(metrics.CANCEL_LOOP)
-            for message in messages:
-                try:
-                    await self._handle_cancel(message)
-                except Exception:
-                    logger.exception(
-                        "Deleting cancel message %s: handling it failed", message.get("MessageId")
-                    )
-                await self.broker.delete(names.cancels, message["ReceiptHandle"])
 
-    async def _handle_cancel(self, message: Mapping[str, Any]) -> None:
+    async def hint_loop(self) -> None:
+        """Read this worker's own hint queue while it holds work, as ``cancel_loop`` does.
+
+        An idle worker has nothing to stop, so it does not poll here at all (the idle cost stays
+        that of the main and cancels queues); hints sent meanwhile wait in the queue.
+        """
+        while True:
+            await self._holding.wait()
+            await self._read_cancels(self.hint_queue)
+            if not self.held:
+                self._holding.clear()
+
+    async def _read_cancels(self, queue: str) -> None:
+        """One long poll of ``queue``; every message is handled, then deleted."""
+        for message in await self.broker.receive(queue, 10):
+            try:
+                await self._handle_cancel(message, queue)
+            except Exception:
+                logger.exception(
+                    "Deleting cancel message %s: handling it failed", message.get("MessageId")
+                )
+            await self.broker.delete(queue, message["ReceiptHandle"])
+
+    async def _handle_cancel(self, message: Mapping[str, Any], queue: str) -> None:
         try:
             request = self.codec.loads(CancelRequest, message.get("Body", ""))
         except MalformedMessage as exc:
@@ -709,6 +730,7 @@ class Worker:
             )
             return
         if any(h.run_id == request.run_id for h in self.held.values()):
+            logger.info("Cancel hint for held run %s from %s", request.run_id, queue)
             self._pending_requests[request.run_id] = request
             self._wake.set()
             metrics.cancel_request("woke")

@@ -1,0 +1,172 @@
+"""Per-worker hint queues: a cancel hint goes where the work's holder listens.
+
+On the shared ``{queue}-cancels`` queue a hint reaches whichever worker receives it, usually
+not the holder, which then acts only at its next run-storage poll. So each worker also listens,
+while it holds work, on a queue of its own, ``{queue}-w-{digest}`` (created at start, deleted at
+clean shutdown, tagged with the worker id), and ``terminate()`` sends the hint to the queue of
+every worker the run's tags name as a holder (the run's worker, each step's claimer) as well as
+to the shared queue. It stays a hint: the holder checks the run storage before stopping anything.
+
+A worker that dies without a clean shutdown leaves its queue behind: the next worker to start
+deletes every hint queue whose worker's heartbeat is stale (``remove_stale``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Iterable, Sequence
+
+from dagster import DagsterInstance, DagsterRun
+
+from dagster_taskiq_cancel.heartbeats import staleness
+from dagster_taskiq_cancel.queues import FIFO_SUFFIX, QueueNames, SqsError, SyncQueues
+from dagster_taskiq_cancel.tasks import CLAIM_TAG, WORKER_ID_TAG
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME = 80  # SQS: up to 80 characters, letters, digits, hyphens and underscores (+ ".fifo")
+WORKER_ID_QUEUE_TAG = "dagster-taskiq-worker-id"
+_MARK = "-w-"
+_DIGEST = 12
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def _base(names: QueueNames) -> tuple[str, str]:
+    """The main queue's name without ``.fifo``, shortened so a hint queue name always fits."""
+    suffix = FIFO_SUFFIX if names.fifo else ""
+    base = names.main[: -len(suffix)] if suffix else names.main
+    return base[: MAX_NAME - len(FIFO_SUFFIX) - len(_MARK) - _DIGEST], suffix
+
+
+def hint_prefix(names: QueueNames) -> str:
+    """What every hint queue of this deployment's name starts with (for ListQueues)."""
+    return _base(names)[0] + _MARK
+
+
+def hint_queue_name(names: QueueNames, worker_id: str) -> str:
+    """``{queue}-w-{digest}-{readable worker id}``, cut to SQS's 80 characters.
+
+    The digest of the whole id keeps names unique when the readable part is cut; the readable
+    part (host, pid) is for people looking at the queue list.
+    """
+    base, suffix = _base(names)
+    digest = hashlib.sha256(worker_id.encode()).hexdigest()[:_DIGEST]
+    name = f"{base}{_MARK}{digest}-{_UNSAFE.sub('-', worker_id)}"
+    return name[: MAX_NAME - len(suffix)].rstrip("-") + suffix
+
+
+def holders(run: DagsterRun) -> set[str]:
+    """Worker ids the run's tags name: the run's holder and every task claimer (steps too)."""
+    found = {run.tags[WORKER_ID_TAG]} if WORKER_ID_TAG in run.tags else set()
+    for tag, token in run.tags.items():
+        if (tag == CLAIM_TAG or tag.startswith(f"{CLAIM_TAG}/")) and "/" in token:
+            found.add(token.rsplit("/", 1)[0])  # a claim token is "{worker id}/{nonce}"
+    return found
+
+
+def hint_url(queues: SyncQueues, name: str) -> str:
+    """A hint queue's URL from the main queue's (same endpoint and account): no GetQueueUrl
+    on the terminate path."""
+    return queues.url(queues.names.main).rsplit("/", 1)[0] + "/" + name
+
+
+def send_to_holders(queues: SyncQueues, entries: Sequence[tuple[DagsterRun, str, str]]) -> int:
+    """Send each (run, body, dedup id) to the hint queue of each of its run's holders.
+
+    One SendMessageBatch per holder; a holder whose queue is gone (it died) or any other SQS
+    error is logged and skipped: the shared queue and the poll still deliver. Returns how many
+    holders were sent to.
+    """
+    by_queue: dict[str, list[tuple[str, str, str]]] = {}
+    for run, body, dedup_id in entries:
+        for worker_id in holders(run):
+            name = hint_queue_name(queues.names, worker_id)
+            by_queue.setdefault(name, []).append((body, run.run_id, dedup_id))
+    sent = 0
+    for name, batch in by_queue.items():
+        try:
+            queues.remember_url(name, hint_url(queues, name))
+            failures = queues.send_batch(name, batch)
+        except SqsError as exc:
+            failures = [str(exc)]
+        if failures:
+            logger.info("Cancel hint to holder queue %s not sent: %s", name, failures[0])
+        else:
+            sent += 1
+    return sent
+
+
+def create(queues: SyncQueues, worker_id: str) -> str:
+    """Create this worker's hint queue, tagged with its id; returns its URL."""
+    name = hint_queue_name(queues.names, worker_id)
+    attributes = {"FifoQueue": "true"} if queues.names.fifo else {}
+    url = queues.call(
+        "create_queue",
+        QueueName=name,
+        Attributes=attributes,
+        tags={WORKER_ID_QUEUE_TAG: worker_id},
+    )["QueueUrl"]
+    queues.remember_url(name, url)
+    return url
+
+
+def delete(queues: SyncQueues, name: str) -> None:
+    queues.call("delete_queue", QueueUrl=queues.url(name))
+
+
+def listed(queues: SyncQueues) -> list[str]:
+    """URLs of every hint queue of this deployment."""
+    urls: list[str] = []
+    kwargs = {"QueueNamePrefix": hint_prefix(queues.names), "MaxResults": 1000}
+    while True:
+        page = queues.call("list_queues", **kwargs)
+        urls += page.get("QueueUrls", [])
+        if not page.get("NextToken"):
+            return urls
+        kwargs["NextToken"] = page["NextToken"]
+
+
+def stale(
+    queues: SyncQueues, instance: DagsterInstance, timeout_seconds: float, urls: Iterable[str]
+) -> dict[str, str]:
+    """URL → why, for hint queues whose worker is dead: heartbeat stale and the queue older
+    than the timeout (a worker starting now has not beaten yet)."""
+    found = {}
+    for url in urls:
+        try:
+            tags = queues.call("list_queue_tags", QueueUrl=url).get("Tags", {})
+            created = queues.call(
+                "get_queue_attributes", QueueUrl=url, AttributeNames=["CreatedTimestamp"]
+            )["Attributes"]["CreatedTimestamp"]
+        except SqsError as exc:  # deleted meanwhile by another worker
+            logger.debug("Skipping hint queue %s: %s", url, exc)
+            continue
+        worker_id = tags.get(WORKER_ID_QUEUE_TAG)
+        if not worker_id or url.rsplit("/", 1)[-1] != hint_queue_name(queues.names, worker_id):
+            continue  # not a hint queue of this deployment (another one's, with a like name)
+        if time.time() - float(created) < timeout_seconds:
+            continue
+        why = staleness(instance, worker_id, timeout_seconds)
+        if why is not None:
+            found[url] = f"worker {worker_id} {why}"
+    return found
+
+
+def remove_stale(
+    queues: SyncQueues, instance: DagsterInstance, timeout_seconds: float, keep: str = ""
+) -> list[str]:
+    """Delete the hint queues of dead workers (never ``keep``); returns their URLs."""
+    urls = [u for u in listed(queues) if u.rsplit("/", 1)[-1] != keep]
+    removed = []
+    for url, why in stale(queues, instance, timeout_seconds, urls).items():
+        try:
+            queues.call("delete_queue", QueueUrl=url)
+        except SqsError as exc:
+            logger.debug("Could not delete hint queue %s: %s", url, exc)
+            continue
+        logger.info("Deleted the hint queue %s of a dead worker: %s", url, why)
+        removed.append(url)
+    return removed

@@ -24,7 +24,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN
 
 if TYPE_CHECKING:
-    from dagster_taskiq_cancel.worker.worker import HeldTask
+    from dagster_taskiq_cancel.worker.held import HeldTask
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -9,7 +9,11 @@ Five loops share one event loop:
 - ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills;
 - ``hint_loop`` reads this worker's own hint queue (``hints``) the same way, while it holds work.
 
-A task names ids only; the child's arguments come from the run storage (``step_args``).
+A task's way through the worker, one module per step: ``admission`` (may it run, with what
+arguments: ids only in the task, everything else from the run storage), ``children`` and
+``guard`` (its processes), ``authority`` (what the run storage says), ``stopping`` (notice,
+SIGTERM, SIGKILL), ``settle`` and ``records`` (what is written into the run), ``acks`` (what
+the sensor is told), ``scale_in`` (shutdown with work held).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -28,81 +31,32 @@ import time
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus
-from dagster._core.events import DagsterEvent, EngineEventData, StepFailureData
-from dagster._core.execution.plan.handle import StepHandle
-from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
-from dagster._serdes import serialize_value
-from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
+from dagster import DagsterInstance, DagsterRunStatus
+from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
 from dagster_taskiq_cancel import heartbeats, hints
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cleanup import CleanupContext
-from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV, announce
-from dagster_taskiq_cancel.messages import (
-    CancelAck,
-    CancelRequest,
-    MalformedMessage,
-    Outcome,
-    codec_for,
-)
+from dagster_taskiq_cancel.cooperative import announce
+from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import (
-    EXECUTE_RUN,
-    EXECUTE_STEP,
-    RELEASED_TAG,
-    RESUME_RUN,
-    TASK_ID_TAG,
-    WORKER_ID_TAG,
-    claim_tag,
-)
-from dagster_taskiq_cancel.timing import finite_seconds, tag_seconds
-from dagster_taskiq_cancel.worker import children, metrics, scale_in
-from dagster_taskiq_cancel.worker.authority import (
-    RUN_STARTABLE,
-    cancel_recorded,
-    has_ended,
-    held_runs,
-    is_cancelled,
-    run_started,
-)
-from dagster_taskiq_cancel.worker.canceled import record_canceled, what_stopped
+from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, TASK_ID_TAG
+from dagster_taskiq_cancel.worker import children, metrics, records, scale_in, stopping
+from dagster_taskiq_cancel.worker.acks import Acks
+from dagster_taskiq_cancel.worker.admission import Gate
+from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_cancelled, run_started
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
-from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
+from dagster_taskiq_cancel.worker.held import HeldTask
+from dagster_taskiq_cancel.worker.settle import reassert_if_overwritten, settle
 
 logger = logging.getLogger(__name__)
 
-_CLAIM_EVENT = "Run task claimed by"
 _RECENT_TASKS = 10_000
 _CONTEXT: Any = TaskiqDepends()  # taskiq injects the message context here
-
-
-@dataclass
-class HeldTask:
-    """A task this worker runs: its child process and, once stopping, why and since when."""
-
-    task_id: str
-    run_id: str
-    step_key: str | None
-    process: asyncio.subprocess.Process
-    tags: Mapping[str, str]
-    cancel_file: Path
-    request: CancelRequest | None = None
-    stop_started_at: float | None = None
-    cancel: bool = False  # stopping because the run was cancelled (not ended, not a drain)
-    killed: bool = False
-    before_start: bool = False  # killed before Dagster started the run: none of it ran
-    start_checked: bool = False  # run task: event log checked for a cancel RUN_START overwrote
-    ended_since: float | None = None  # when the run was first seen ended while this still ran
-    fenced_because: str | None = None  # killed as another worker may run it now (fencing)
-    handed_over: bool = False  # stopped at shutdown for run monitoring to resume (scale_in)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    settled: asyncio.Event = field(default_factory=asyncio.Event)  # the run's record is written
 
 
 class Worker:
@@ -132,6 +86,8 @@ class Worker:
         # One thread for run-storage calls: they block, and sqlite prefers one writer.
         self._storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-storage")
         self._cancel_dir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-cancel-"))
+        self._gate = Gate(instance, self.worker_id, self._cancel_dir)
+        self._acks = Acks(self.broker, self.codec, self.worker_id)
         self._register_tasks()
 
     # --- tasks -------------------------------------------------------------------------------
@@ -175,7 +131,7 @@ class Worker:
         A resume task (run monitoring found the run's worker dead) starts a STARTED run again
         with `dagster api resume_run`; a run task starts only a run that has not started. The
         message was deleted on receipt, so a failure before the child starts is recorded in the
-        run (``_fail_task``) rather than left for a timeout.
+        run (``records.fail_task``) rather than left for a timeout.
         """
         if task_id in self.broker.released:
             logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
@@ -187,179 +143,36 @@ class Worker:
             return
         self._remember(task_id)
         try:
-            prepared = await self._storage_call(
-                self._prepare, task_id, run_id, step_key, attempt, resume
+            admitted = await self._storage_call(
+                self._gate.admit, task_id, run_id, step_key, attempt, resume
             )
-            if isinstance(prepared, DagsterRunStatus):
+            if isinstance(admitted, DagsterRunStatus):
                 metrics.task_not_started(task_id, step_key, "skipped")
-                await self._ack(run_id, step_key, task_id, "skipped", f"run was {prepared.value}")
+                detail = f"run was {admitted.value}"
+                await self._acks.send(run_id, step_key, task_id, "skipped", detail)
                 return
-            if prepared is None:
+            if admitted is None:
                 metrics.task_not_started(task_id, step_key, "dropped")
                 return
-            run, argv, env = prepared
-            process = await children.spawn(argv, env)
+            process = await children.spawn(admitted.argv, admitted.env)
         except Exception:
             error = serializable_error_info_from_exc_info(sys.exc_info())
             logger.exception("Could not start task %s of run %s", task_id, run_id)
             metrics.task_not_started(task_id, step_key, "start_failed")
             message = f"Worker {self.worker_id} could not start the task: {error.message.strip()}"
             with contextlib.suppress(Exception):
-                await self._storage_call(self._fail_task, run_id, step_key, message, error)
-            return
-        cancel_file = Path(env[CANCEL_FILE_ENV])
-        held = HeldTask(task_id, run_id, step_key, process, run.tags, cancel_file)
-        await self._run_child(held)
-
-    def _prepare(
-        self, task_id: str, run_id: str, step_key: str | None, attempt: int, resume: bool
-    ) -> tuple[DagsterRun, list[str], dict[str, str]] | DagsterRunStatus | None:
-        """The run and the child's argv and env; else the status of a cancelled run (to ack as
-        skipped) or None, when the task must not run.
-
-        Every argument comes from the run storage and this worker's instance: the task named
-        only ids, and a step runs only if its run's executor recorded launching this very task.
-        """
-        run = self.instance.get_run_by_id(run_id)
-        if run is None:
-            logger.warning("Dropping task %s: run %s does not exist", task_id, run_id)
-            return None
-        if is_cancelled(run.status):
-            logger.info("Skipping task %s: run %s is %s", task_id, run_id, run.status.value)
-            return run.status
-        if has_ended(run.status):
-            logger.info(
-                "Dropping task %s: run %s already ended %s", task_id, run_id, run.status.value
-            )
-            return None
-        if step_key is not None:
-            if run.status != DagsterRunStatus.STARTED or not was_launched(
-                self.instance, run_id, step_key, task_id
-            ):
-                logger.warning(
-                    "Dropping task %s: run %s (%s) has no record of launching it",
-                    task_id,
-                    run_id,
-                    run.status.value,
+                await self._storage_call(
+                    records.fail_task, self.instance, run_id, step_key, message, error
                 )
-                return None
-            if not self._claim(run, task_id):
-                logger.info("Dropping task %s: another worker claimed it", task_id)
-                return None
-            args = step_args(self.instance, run, step_key, attempt)
-            # Dagster's own way to pass them: an env var (the k8s shape), not the command line.
-            env = {e["name"]: e["value"] for e in args.get_command_env()}
-            return run, children.dagster_api_argv("execute_step"), self._env(env)
-        if run.tags.get(TASK_ID_TAG) != task_id:
-            logger.warning(
-                "Dropping task %s: run %s was not sent as this task (%s)",
-                task_id,
-                run_id,
-                run.tags.get(TASK_ID_TAG),
-            )
-            return None
-        startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE
-        if run.status not in startable or not self._claim(run, task_id):
-            logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
-            return None
-        args_type = ResumeRunArgs if resume else ExecuteRunArgs
-        run_args = args_type(
-            job_origin=run.job_code_origin,  # type: ignore[arg-type]
-            run_id=run_id,
-            instance_ref=self.instance.get_ref(),
-            set_exit_code_on_failure=True,
-        )
-        command = "resume_run" if resume else "execute_run"
-        return run, children.dagster_api_argv(command, serialize_value(run_args)), self._env({})
-
-    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
-        """The worker's environment for a child, with its own cancel deadline file."""
-        cancel_file = self._cancel_dir / f"{uuid.uuid4().hex}.deadline"
-        return metrics.child_env({**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)})
-
-    def _fail_task(
-        self,
-        run_id: str,
-        step_key: str | None,
-        message: str,
-        error: SerializableErrorInfo | None = None,
-    ) -> None:
-        """Fail work this worker took and will not finish: nobody else would (its message is
-        deleted). A run fails; a step gets a STEP_FAILURE, which its run's executor handles as
-        any step failure (a retry if the op has a policy)."""
-        run = self.instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
             return
-        if step_key is None:
-            self.instance.report_run_failed(run, message)
-            return
-        failure = StepFailureData(
-            error=error or SerializableErrorInfo(message, [], "WorkerStoppedStep"),
-            user_failure_data=None,
-        )
-        event = DagsterEvent(
-            DagsterEventType.STEP_FAILURE.value,
-            job_name=run.job_name,
-            step_handle=StepHandle.parse_from_key(step_key),
-            message=message,
-            event_specific_data=failure,
-        )
-        self.instance.report_dagster_event(event, run_id)
-
-    def _record_fence(self, held: HeldTask) -> None:
-        """Say in the run why its task was killed, and hand the work on.
-
-        A run resumed elsewhere is left to its new holder. A run nobody resumed yet is marked
-        released, so that run monitoring sees it lost (``worker_health``) and resumes or fails
-        it; a step is failed, so that its run's executor moves on.
-        """
-        run = self.instance.get_run_by_id(held.run_id)
-        if run is None or run.is_finished:
-            return
-        message = f"Worker {self.worker_id} killed task {held.task_id}: {held.fenced_because}."
-        if held.step_key is not None:
-            self._fail_task(held.run_id, held.step_key, message)
-            return
-        self.instance.report_engine_event(message, run)
-        if run.tags.get(TASK_ID_TAG) == held.task_id:
-            self.instance.add_run_tags(held.run_id, {RELEASED_TAG: self.worker_id})
+        tags, cancel_file = admitted.run.tags, admitted.cancel_file
+        held = HeldTask(task_id, run_id, step_key, process, tags, cancel_file)
+        await self._run_child(held)
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None
         while len(self._recent) > _RECENT_TASKS:
             self._recent.popitem(last=False)
-
-    def _claim(self, run: DagsterRun, task_id: str) -> bool:
-        """Claim a task for this worker; of concurrent claims, the first in the event log wins.
-
-        A tag written and read back is not enough: two workers that receive copies of the task
-        at the same moment both write the tag and may each read back their own. The event log
-        orders entries by storage id, so every claimer agrees on which claim came first. Each
-        resume attempt and each step attempt is a task of its own, with its own claim; only a
-        run or resume claim makes this worker the run's holder (``WORKER_ID_TAG``). ``run`` is
-        the record just read by ``_prepare``.
-        """
-        run_id = run.run_id
-        token = f"{self.worker_id}/{uuid.uuid4().hex}"
-        tag = claim_tag(run_id, task_id)
-        event = _CLAIM_EVENT if task_id == run_id else f"Task {task_id} claimed by"
-        if tag in run.tags:
-            return False
-        self.instance.report_engine_event(f"{event} {token}.", run)
-        events = self.instance.get_records_for_run(
-            run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=True
-        ).records
-        messages = (
-            record.event_log_entry.dagster_event.message or ""
-            for record in events
-            if record.event_log_entry.dagster_event is not None
-        )
-        # A default, not StopIteration: raised in the storage thread, it would hang the await.
-        if token not in next((m for m in messages if m.startswith(f"{event} ")), ""):
-            return False
-        holder = {} if run.tags.get(TASK_ID_TAG) != task_id else {WORKER_ID_TAG: self.worker_id}
-        self.instance.add_run_tags(run_id, {tag: token, **holder})
-        return True
 
     async def _run_child(self, held: HeldTask) -> None:
         task_id, run_id, step_key, process = held.task_id, held.run_id, held.step_key, held.process
@@ -371,7 +184,7 @@ class Worker:
         self._wake.set()
         try:
             try:
-                await self._storage_call(self._record_start, held)
+                await self._storage_call(records.record_start, self.instance, self.worker_id, held)
             except Exception:
                 logger.exception("Could not record the start of task %s", task_id)
             returncode = await process.wait()
@@ -385,7 +198,9 @@ class Worker:
                 self._pending_requests.pop(run_id, None)
         logger.info("Task %s ended with exit code %s", task_id, returncode)
         try:
-            cleanup = await self._storage_call(self._settle, held, returncode)
+            cleanup = await self._storage_call(
+                settle, self.instance, self.worker_id, held, returncode
+            )
         except Exception:
             # The run storage decides the run's status anyway; the ack must still go out.
             logger.exception("Could not settle the run of task %s", task_id)
@@ -404,109 +219,7 @@ class Worker:
             error = await run_cleanup(context, metrics.child_env(os.environ))
             if error is not None:
                 outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
-        await self._ack(run_id, step_key, task_id, outcome, detail, held)
-
-    def _record_start(self, held: HeldTask) -> None:
-        """Put who runs the task, and as which pid, in the run's event log."""
-        run = self.instance.get_run_by_id(held.run_id)
-        if run is None:
-            return
-        what = f"step {held.step_key}" if held.step_key else "run"
-        self.instance.report_engine_event(
-            f"Worker {self.worker_id} started {what} task as pid {held.process.pid}.",
-            run,
-            EngineEventData(
-                {"worker_id": self.worker_id, "task_id": held.task_id, "pid": held.process.pid}
-            ),
-            step_key=held.step_key,
-        )
-
-    def _settle(self, held: HeldTask, returncode: int | None) -> bool:
-        """Leave the run in a true state once the task's child is gone; True to run cleanup.
-
-        A run task whose run holds a cancel is a cancel, even if the child exited by itself (it
-        read CANCELING at start) or Dagster's RUN_START overwrote the cancel: CANCELING is made
-        the status again, and the run ends CANCELED. A run process that failed the
-        run after a cancel (the interrupt landed in a resume's start-up, or a start race) ends
-        it CANCELED, as asked. A cancelled run its process left unended (SIGKILLed, killed before
-        RUN_START, or exited) is recorded CANCELED at once (``record_canceled``), not at the
-        sensor's next tick. A run process that died without ending a run nobody cancelled (OOM
-        kill, crash) fails the run. A superseded task (fenced off) leaves the run alone, and one
-        stopped at shutdown for a resume is left to ``stop_all`` to release (``scale_in``).
-        """
-        if held.fenced_because is not None:
-            self._record_fence(held)
-            return False
-        if held.handed_over and scale_in.awaits_resume(self.instance, held.run_id):
-            return False
-        run = self.instance.get_run_by_id(held.run_id)
-        if run is None or held.step_key is not None:
-            return held.cancel and held.stop_started_at is not None and not held.before_start
-        if not held.cancel and run.status != DagsterRunStatus.SUCCESS:
-            held.cancel = is_cancelled(run.status) or cancel_recorded(self.instance, run.run_id)
-        if held.cancel and run.status == DagsterRunStatus.FAILURE:
-            self.instance.report_run_canceled(
-                run,
-                message=(
-                    f"Worker {self.worker_id}: the run process failed the run after its cancel "
-                    "interrupted it; recording CANCELED, as the cancel asked."
-                ),
-            )
-        if not held.cancel:
-            if not run.is_finished:
-                self.instance.report_run_failed(
-                    run,
-                    f"Run process on worker {self.worker_id} exited with code {returncode} "
-                    "before the run finished.",
-                )
-            return False
-        if not run.is_finished and run.status != DagsterRunStatus.CANCELING:
-            self._reassert_cancel(run)
-        if not run.is_finished:
-            record_canceled(
-                self.instance,
-                run.run_id,
-                self.worker_id,
-                what_stopped(held.task_id, returncode, held.before_start, held.killed),
-                {"task_id": held.task_id, "exit_code": returncode},
-            )
-        return (
-            held.stop_started_at is not None
-            and not held.before_start
-            and run.status != DagsterRunStatus.SUCCESS
-        )
-
-    def _reassert_cancel(self, run: DagsterRun) -> None:
-        self.instance.report_run_canceling(
-            run,
-            message=(
-                f"Worker {self.worker_id}: the cancel recorded earlier was overwritten when "
-                "Dagster started the run (RUN_START); recording CANCELING again so that the run "
-                "stops and ends CANCELED."
-            ),
-        )
-
-    def _reassert_if_overwritten(self, run_id: str) -> bool:
-        """For a run just seen STARTED: True if its log holds a cancel (re-recorded now)."""
-        if not cancel_recorded(self.instance, run_id):
-            return False
-        run = self.instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            return False
-        if run.status != DagsterRunStatus.CANCELING:
-            self._reassert_cancel(run)
-        return True
-
-    def _record_orphan_stop(self, held: HeldTask, status: DagsterRunStatus | None) -> None:
-        run = self.instance.get_run_by_id(held.run_id)
-        if run is not None:
-            self.instance.report_engine_event(
-                f"Worker {self.worker_id} is stopping task {held.task_id}: it was still running "
-                f"{self.settings.grace_seconds:g}s after the run ended "
-                f"{status.value if status else 'or was deleted'}.",
-                run,
-                step_key=held.step_key,
-            )
+        await self._acks.send(run_id, step_key, task_id, outcome, detail, held)
 
     # --- stopping ------------------------------------------------------------------------------
 
@@ -528,7 +241,7 @@ class Worker:
 
         Fencing: a worker that has not beaten for two thirds of the timeout may soon be taken
         for dead, and its runs resumed elsewhere; it kills its work first, so that nothing runs
-        twice, and says so in each run once the storage answers (``_settle``).
+        twice, and says so in each run once the storage answers (``settle``).
         """
         timeout = self.settings.heartbeat_timeout_seconds
         while True:
@@ -552,7 +265,7 @@ class Worker:
             logger.critical("Killing task %s of run %s: %s", held.task_id, held.run_id, why)
             held.killed = True
             held.fenced_because = why
-            asyncio.get_running_loop().create_task(self._kill(held))
+            asyncio.get_running_loop().create_task(stopping.kill(held))
 
     async def check_held(self) -> None:
         """One batched query for every held run; then act on what the authority says."""
@@ -574,7 +287,10 @@ class Worker:
             )
             if first_seen_started:
                 held.start_checked = True
-                if await self._storage_call(self._reassert_if_overwritten, held.run_id):
+                overwritten = await self._storage_call(
+                    reassert_if_overwritten, self.instance, self.worker_id, held.run_id
+                )
+                if overwritten:
                     status = DagsterRunStatus.CANCELING
             if is_cancelled(status):
                 await self._cancel(held)
@@ -599,7 +315,7 @@ class Worker:
             held.stop_started_at = time.time()
             held.request = self._pending_requests.get(held.run_id)
             held.before_start = True
-            asyncio.get_running_loop().create_task(self._kill(held))
+            asyncio.get_running_loop().create_task(stopping.kill(held))
             return
         self.stop(held)
 
@@ -613,7 +329,15 @@ class Worker:
         if held.ended_since is None:
             held.ended_since = now
         elif now - held.ended_since >= self.settings.grace_seconds:
-            await self._storage_call(self._record_orphan_stop, held, status)
+            ended = status.value if status else "or was deleted"
+            await self._storage_call(
+                records.note,
+                self.instance,
+                held.run_id,
+                f"Worker {self.worker_id} is stopping task {held.task_id}: it was still running "
+                f"{self.settings.grace_seconds:g}s after the run ended {ended}.",
+                held.step_key,
+            )
             self.stop(held)
 
     def stop(self, held: HeldTask) -> None:
@@ -626,7 +350,8 @@ class Worker:
             return
         held.stop_started_at = time.time()
         held.request = self._pending_requests.get(held.run_id)
-        notice, grace = self._timing(held, "notice_seconds"), self._timing(held, "grace_seconds")
+        notice = stopping.stop_seconds(held, "notice_seconds", self.settings, self.codec)
+        grace = stopping.stop_seconds(held, "grace_seconds", self.settings, self.codec)
         logger.info(
             "Stopping task %s (pid %s): %s; notice %ss, grace %ss",
             held.task_id,
@@ -636,50 +361,12 @@ class Worker:
             grace,
         )
         # The interrupt first: announcing may fail (a full disk), and must not lose the stop.
-        asyncio.get_running_loop().create_task(self._interrupt(held, notice, grace))
+        asyncio.get_running_loop().create_task(stopping.interrupt(held, notice, grace))
         if held.cancel:
             try:
                 announce(held.cancel_file, held.stop_started_at + notice)
             except OSError as exc:
                 logger.warning("Could not write the cancel deadline of %s: %s", held.task_id, exc)
-
-    def _timing(self, held: HeldTask, name: str) -> float:
-        """A signed cancel request's value, else the run tag's, else the setting.
-
-        An unsigned request is only a hint (anyone who can send to the queue can forge it), so
-        it never changes how a stop is timed.
-        """
-        trusted = held.request if held.request and self.codec.signed else None
-        requested = getattr(trusted, name, None)
-        if requested is not None:
-            return finite_seconds(float(requested))  # the message model refuses inf and NaN
-        return tag_seconds(held.tags, name, float(getattr(self.settings, name)))
-
-    async def _interrupt(self, held: HeldTask, notice: float, grace: float) -> None:
-        if notice > 0 and await self._exits_within(held, notice):
-            return
-        children.signal_process(held.process.pid, signal.SIGTERM)
-        if await self._exits_within(held, grace):
-            return
-        logger.warning("Task %s did not stop in %ss: SIGKILL", held.task_id, grace)
-        await self._kill(held)
-
-    async def _kill(self, held: HeldTask) -> None:
-        """SIGKILL every process of the task through its guard, which also finds those that
-        left the process group (a new session); the group directly if the guard hangs."""
-        held.killed = True
-        children.kill_all(held.process.pid)
-        if not await self._exits_within(held, children.GUARD_KILL_SECONDS):
-            logger.warning("Guard of task %s did not exit: SIGKILL of its group", held.task_id)
-            children.kill_group(held.process.pid)
-
-    @staticmethod
-    async def _exits_within(held: HeldTask, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(held.exited.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
 
     # --- cancel queue and acks -------------------------------------------------------------------
 
@@ -736,53 +423,9 @@ class Worker:
             metrics.cancel_request("woke")
             return
         metrics.cancel_request("not_running")
-        await self._ack(
+        await self._acks.send(
             request.run_id, request.step_key, "", "not_running", "", request=request, retry=False
         )
-
-    async def _ack(
-        self,
-        run_id: str,
-        step_key: str | None,
-        task_id: str,
-        outcome: Outcome,
-        detail: str,
-        held: HeldTask | None = None,
-        request: CancelRequest | None = None,
-        retry: bool = True,
-    ) -> None:
-        """Tell the reconciliation sensor what happened; a failed send is retried until shutdown.
-
-        Only ``not_running`` (an answer to a hint, counted and nothing else) is tried once: its
-        retries must not hold up the cancel loop.
-        """
-        metrics.stop_outcome(outcome)
-        request = request or (held.request if held else None)
-        ack = CancelAck(
-            request_id=request.request_id if request else None,
-            run_id=run_id,
-            step_key=step_key,
-            task_id=task_id,
-            worker_id=self.worker_id,
-            outcome=outcome,
-            requested_at=request.requested_at
-            if request
-            else (held.stop_started_at if held else None),
-            detail=detail,
-        )
-        send = self.broker.send_until_sent if retry else self.broker.send
-        try:
-            await send(
-                self.broker.names.acks,
-                self.codec.dumps(ack),
-                group_id=run_id,
-                dedup_id=uuid.uuid4().hex,
-            )
-        except asyncio.CancelledError:
-            logger.error("Worker shut down before the %s ack for run %s was sent", outcome, run_id)
-            raise
-        except Exception as exc:
-            logger.warning("Could not send %s ack for run %s: %s", outcome, run_id, exc)
 
     # --- shutdown --------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ postgres:
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql)
 
 test: $(STAMP) chromium postgres lint
-	$(BIN)/pytest -p no:cacheprovider -ra
+	$(BIN)/pytest -p no:cacheprovider -ra --durations=40
 
 dev: $(STAMP)
 	$(BIN)/dagster-taskiq-cancel dev

@@ -31,8 +31,6 @@ from dagster_taskiq_cancel_tests.stack import (
 )
 from dagster_taskiq_cancel_tests.test_sensor import tick_until
 
-pytestmark = pytest.mark.postgres
-
 CANCELED = DagsterRunStatus.CANCELED
 
 
@@ -66,6 +64,7 @@ def audit_lines(deployment: Deployment, run_id: str) -> list[str]:
     return [m for m in deployment.engine_messages(run_id) if m.startswith("Cancel requested by")]
 
 
+@MOTO_ONLY
 def test_bulk_cancel_by_tag_stops_queued_waiting_and_running_runs(deployment: Deployment) -> None:
     """200 runs by tag: 120 QUEUED, 77 waiting in SQS, 3 running; none runs to completion."""
     tag = {"batch": uuid.uuid4().hex}
@@ -174,6 +173,7 @@ def test_every_cancel_path_records_who_why_and_when(deployment: Deployment) -> N
         cancel_runs(deployment.instance, statuses=[DagsterRunStatus.STARTED])
 
 
+@pytest.mark.postgres
 @MOTO_ONLY
 def test_one_thousand_pending_runs_are_cancelled_and_none_starts(
     tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]

@@ -14,6 +14,7 @@ from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
     Deployment,
     pid_alive,
     stop_process,
@@ -21,9 +22,8 @@ from dagster_taskiq_cancel_tests.stack import (
     worker_pid,
 )
 
-pytestmark = pytest.mark.postgres
 
-
+@pytest.mark.postgres
 def test_twenty_cancels_on_four_workers_stop_the_right_child(deployment: Deployment) -> None:
     """Whoever receives the cancel message, the owner's poll stops the run: 20 of 20."""
     for _ in range(4):
@@ -50,6 +50,7 @@ def test_twenty_cancels_on_four_workers_stop_the_right_child(deployment: Deploym
     )
 
 
+@MOTO_ONLY
 def test_run_cancelled_while_waiting_in_sqs_is_never_started(deployment: Deployment) -> None:
     forced = deployment.launch(sleepy_job, seconds=60)
     canceling = deployment.launch(sleepy_job, seconds=60)
@@ -74,6 +75,7 @@ def test_one_slot_workers_share_the_work_instead_of_hoarding(deployment: Deploym
     assert {worker_pid(h) for h in holders} == {first.pid, second.pid}
 
 
+@pytest.mark.postgres
 def test_redelivered_and_duplicated_run_messages_execute_once(
     tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> None:
@@ -96,6 +98,7 @@ def test_redelivered_and_duplicated_run_messages_execute_once(
         deployment.stop()
 
 
+@MOTO_ONLY
 def test_worker_exits_on_sigterm_and_leaves_no_child(deployment: Deployment) -> None:
     proc = deployment.start_worker()
     run_id = deployment.launch(sleepy_job, seconds=300)

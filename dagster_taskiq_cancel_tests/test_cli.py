@@ -133,6 +133,7 @@ def test_workers_parent_exits_non_zero_at_once_when_a_child_dies(deployment: Dep
                 os.kill(pid, signal.SIGKILL)
 
 
+@MOTO_ONLY
 def test_queues_status_warns_when_no_signing_key_is_set(sqs_server: LocalSqsServer) -> None:
     args = ("queues", "status", "--endpoint-url", sqs_server.endpoint_url)
     assert cli("queues", "create", *args[2:]).returncode == 0

@@ -8,9 +8,10 @@ from dagster import DagsterRunStatus
 
 from dagster_taskiq_cancel.tasks import QUEUE_TAG, TASK_ID_TAG, WORKER_ID_TAG
 from dagster_taskiq_cancel_tests.jobs import failing_job, sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 
 
+@MOTO_ONLY
 def test_runs_succeed_and_fail_as_with_the_default_launcher(deployment: Deployment) -> None:
     deployment.start_worker()
     ok = deployment.launch(sleepy_job)

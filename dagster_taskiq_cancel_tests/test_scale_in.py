@@ -41,7 +41,10 @@ def _drain_holder(deployment: Deployment, run_id: str, successors: int) -> str:
         deployment.start_worker()
     pid = deployment.op_pid(run_id)
     deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
-    stop_process(holder)
+    # A worker that hands a run over waits for its last main-queue poll (up to its wait time),
+    # so that the resume is not delivered to it: give it that on top of drain and grace.
+    s = deployment.settings
+    stop_process(holder, timeout=s.drain_seconds + s.grace_seconds + s.wait_time_seconds + 15)
     assert holder.returncode == 0, deployment.worker_log(0)
     assert not pid_alive(pid), "the drained worker's run process is gone"
     return worker_id

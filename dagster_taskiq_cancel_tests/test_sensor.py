@@ -96,6 +96,7 @@ def _ack_recorded(deployment: Deployment, run_id: str, outcome: str) -> bool:
     )
 
 
+@MOTO_ONLY
 def test_killed_runs_ack_is_recorded_on_the_run_the_worker_already_ended(
     deployment: Deployment,
 ) -> None:
@@ -205,6 +206,7 @@ def test_malformed_and_unknown_acks_are_deleted_and_the_tick_succeeds(
     assert count(summaries, "unknown run") == 1
 
 
+@MOTO_ONLY
 def test_one_hundred_acks_are_handled_within_two_ticks(deployment: Deployment) -> None:
     run_ids = [deployment.create_run(sleepy_job).run_id for _ in range(100)]
     for run_id in run_ids:

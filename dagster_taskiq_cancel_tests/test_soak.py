@@ -21,6 +21,7 @@ from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import (
+    MOTO_ONLY,
     Deployment,
     child_pids,
     pid_alive,
@@ -29,7 +30,7 @@ from dagster_taskiq_cancel_tests.stack import (
 )
 from dagster_taskiq_cancel_tests.test_sensor import acks_queue_empty, tick_until
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, MOTO_ONLY]
 
 SEED = 20261123
 WORKERS = 4

@@ -80,6 +80,7 @@ def _step_acks(deployment: Deployment, run_id: str, step_keys: set[str]) -> dict
     return acks
 
 
+@MOTO_ONLY
 def test_parallel_steps_run_on_several_workers(deployment: Deployment) -> None:
     workers = {deployment.start_worker("--concurrency", "2").pid for _ in range(3)}
     run_id = _launch(deployment, width=6)
@@ -109,6 +110,7 @@ def test_a_failed_step_is_retried_as_a_new_task(deployment: Deployment) -> None:
         assert any(f"as task {step_task_id(run_id, 'part[0]', attempt)}" in m for m in messages)
 
 
+@MOTO_ONLY
 def test_terminate_stops_every_step_on_every_worker(deployment: Deployment) -> None:
     for _ in range(3):
         deployment.start_worker("--concurrency", "2")
@@ -225,6 +227,7 @@ def test_a_redelivered_step_message_does_not_run_the_step_twice(deployment: Depl
     assert f"{run_id}:fan_out:0: another worker claimed it" in logs  # the step's claim
 
 
+@MOTO_ONLY
 def test_step_outputs_pass_through_s3_on_the_local_server(
     deployment: Deployment, sqs_server: LocalSqsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -175,6 +175,7 @@ def test_every_cancel_path_records_who_why_and_when(deployment: Deployment) -> N
 
 @pytest.mark.postgres
 @MOTO_ONLY
+@pytest.mark.timeout(600)  # 1,000 runs created, then 500 messages taken: 182-272 s in CI here
 def test_one_thousand_pending_runs_are_cancelled_and_none_starts(
     tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> None:

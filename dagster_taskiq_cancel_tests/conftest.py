@@ -20,13 +20,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-# Tests marked ``postgres`` run on sqlite with both SQS servers, and on Postgres with moto.
-STORAGE_VARIANTS = [("moto", "sqlite"), ("ministack", "sqlite"), ("moto", "postgres")]
+# Tests marked ``postgres`` run on each SQS server once and each storage once: ministack with
+# sqlite (the demo's storage), moto with Postgres (production's). Pinned to moto, they run on
+# Postgres alone: they are the load tests, and Postgres is the storage a fleet shares.
+STORAGE_VARIANTS = [("ministack", "sqlite"), ("moto", "postgres")]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "postgres: also run the test on a private PostgreSQL cluster (moto only)"
+        "markers", "postgres: run the test on a private PostgreSQL cluster too (see conftest)"
     )
     config.addinivalue_line(
         "markers", "moto_only: run the test on moto alone (see stack.MOTO_ONLY)"
@@ -44,10 +46,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if definition.get_closest_marker("postgres") is None:
         return
     pinned = any("sqs_server" in str(m.args[0]) for m in definition.iter_markers("parametrize"))
-    if pinned:  # the test chose its SQS server itself: vary the storage only
-        mark = pytest.mark.parametrize(
-            "storage_kind", ["sqlite", "postgres"], indirect=True, scope="session"
-        )
+    if pinned:  # a load test on moto: the fleet's storage only
+        mark = pytest.mark.parametrize("storage_kind", ["postgres"], indirect=True, scope="session")
     else:
         mark = pytest.mark.parametrize(
             ("sqs_server", "storage_kind"),

@@ -94,8 +94,10 @@ def test_sqs_outage_workers_back_off_log_once_and_resume(tmp_path: Path) -> None
         wait_for(lambda: not pid_alive(pid), 15, "the poll stops the run while SQS is down")
         deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
         assert any("not sent" in m for m in deployment.engine_messages(run_id))
-        outage_ends = time.monotonic() + 30
-        wait_for(lambda: time.monotonic() > outage_ends, 40, "a 30 s outage")  # the outage itself
+        # The outage itself: long enough for five failed receives of each loop (0.5 s backoff,
+        # doubling), each of which must not log again.
+        outage_ends = time.monotonic() + 12
+        wait_for(lambda: time.monotonic() > outage_ends, 20, "a 12 s outage")
         assert worker.poll() is None, "the worker survives the outage"
         server.start()  # same port, fresh state: the queues are re-created
         deployment.queues.create_all()

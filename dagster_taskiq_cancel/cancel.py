@@ -127,7 +127,7 @@ def request_cancels(
         canceller = _Canceller(instance, queues, reason, requested_by)
         return [outcome for batch in batches for outcome in canceller.batch(batch)]
     with (
-        _pooled(instance) as pooled,
+        pooled_instance(instance) as pooled,
         ThreadPoolExecutor(min(WRITERS, len(batches)), "taskiq-cancel") as pool,
     ):
         canceller = _Canceller(pooled, queues, reason, requested_by)
@@ -135,8 +135,8 @@ def request_cancels(
 
 
 @contextlib.contextmanager
-def _pooled(instance: DagsterInstance) -> Iterator[DagsterInstance]:
-    """The same storage with a connection pool, for one bulk cancel.
+def pooled_instance(instance: DagsterInstance) -> Iterator[DagsterInstance]:
+    """The same storage with a connection pool, for one bulk write (a cancel, a test's set-up).
 
     dagster-postgres opens a new connection for every storage call (NullPool): about 20 ms
     each with password authentication, most of what a cancel's five storage calls cost.

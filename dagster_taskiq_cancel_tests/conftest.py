@@ -21,8 +21,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # Tests marked ``postgres`` run on each SQS server once and each storage once: ministack with
-# sqlite (the demo's storage), moto with Postgres (production's). Pinned to moto, they run on
-# Postgres alone: they are the load tests, and Postgres is the storage a fleet shares.
+# sqlite (the demo's storage), moto with Postgres (production's). Pinned to one SQS server,
+# they run on Postgres alone: they are the load tests, and Postgres is the storage a fleet shares.
 STORAGE_VARIANTS = [("ministack", "sqlite"), ("moto", "postgres")]
 
 
@@ -46,7 +46,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if definition.get_closest_marker("postgres") is None:
         return
     pinned = any("sqs_server" in str(m.args[0]) for m in definition.iter_markers("parametrize"))
-    if pinned:  # a load test on moto: the fleet's storage only
+    if pinned:  # a load test: the fleet's storage only
         mark = pytest.mark.parametrize("storage_kind", ["postgres"], indirect=True, scope="session")
     else:
         mark = pytest.mark.parametrize(

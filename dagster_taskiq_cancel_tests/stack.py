@@ -3,6 +3,7 @@ launcher, and real worker processes, each stopped by its pid."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +34,7 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
 from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
 
+from dagster_taskiq_cancel.cancel import WRITERS, pooled_instance
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
@@ -300,20 +303,27 @@ def create_pending_runs(
     """``count`` runs of ``job``, alternately NOT_STARTED and STARTING with the task in SQS.
 
     Copies of one run record rather than ``count`` job snapshots, and the launcher's two effects
-    (STARTING, the task message) without its per-run engine event, ten messages per request:
-    the set-up is not what bulk cancel tests measure, and on sqlite it would take minutes.
+    (STARTING, the task message) without its per-run engine event, ten messages per request,
+    written as a bulk cancel writes (``pooled_instance``, ``WRITERS`` at once): the set-up is not
+    what bulk cancel tests measure, and one call at a time it takes minutes.
     """
     template = deployment.create_run(job, seconds=600, tags=dict(tags or {}))
-    runs = [template] + [
-        deployment.instance.add_run(template._replace(run_id=make_new_run_id()))
-        for _ in range(count - 1)
-    ]
-    starting = runs[1::2]
-    for run in starting:
-        event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
-        deployment.instance.report_dagster_event(event, run.run_id)
-        deployment.instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
-    messages = [run_task_message(run.run_id) for run in starting]
+
+    def add(instance: DagsterInstance, index: int) -> DagsterRun:
+        run = (
+            template
+            if index == 0
+            else instance.add_run(template._replace(run_id=make_new_run_id()))
+        )
+        if index % 2:
+            event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
+            instance.report_dagster_event(event, run.run_id)
+            instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
+        return run
+
+    with pooled_instance(deployment.instance) as instance, ThreadPoolExecutor(WRITERS) as pool:
+        runs = list(pool.map(functools.partial(add, instance), range(count)))
+    messages = [run_task_message(run.run_id) for run in runs[1::2]]
     failures = deployment.queues.send_batch(
         deployment.queues.names.main, [(m.body, m.task_id, m.task_id) for m in messages]
     )

@@ -20,6 +20,7 @@ import botocore.exceptions
 from botocore.config import Config as BotoConfig
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
+from dagster_taskiq_cancel import metrics
 from dagster_taskiq_cancel.messages import MalformedMessage, codec_for
 from dagster_taskiq_cancel.payloads import (
     MISSING_CODES,
@@ -45,7 +46,6 @@ from dagster_taskiq_cancel.tasks import (
     expected_task_id,
     task_signing_payload,
 )
-from dagster_taskiq_cancel.worker import metrics
 
 logger = logging.getLogger(__name__)
 

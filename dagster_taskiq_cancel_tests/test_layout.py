@@ -54,3 +54,14 @@ def test_no_module_imports_itself_through_others() -> None:
 
 def test_settings_know_nothing_of_what_they_configure() -> None:
     assert _imports()[f"{NAME}.settings"] == set()
+
+
+def test_only_the_cli_reaches_into_the_worker() -> None:
+    """The worker builds on the package (broker, metrics, settings), never the other way."""
+    worker = f"{NAME}.worker"
+    reaching = {
+        module: sorted(m for m in imports if m.startswith(worker))
+        for module, imports in _imports().items()
+        if not module.startswith(worker) and module != f"{NAME}.cli"
+    }
+    assert {module: found for module, found in reaching.items() if found} == {}

@@ -6,9 +6,9 @@ import asyncio
 import logging
 import uuid
 
+from dagster_taskiq_cancel import metrics
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.messages import CancelAck, CancelRequest, Codec, Outcome
-from dagster_taskiq_cancel.worker import metrics
 from dagster_taskiq_cancel.worker.held import HeldTask
 
 logger = logging.getLogger(__name__)

@@ -20,9 +20,10 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
 from dagster._serdes import serialize_value
 
+from dagster_taskiq_cancel import metrics
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV
 from dagster_taskiq_cancel.tasks import TASK_ID_TAG, WORKER_ID_TAG, claim_tag
-from dagster_taskiq_cancel.worker import children, metrics
+from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, has_ended, is_cancelled
 from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 

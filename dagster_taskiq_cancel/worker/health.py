@@ -30,13 +30,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.worker.metrics import (
+from dagster_taskiq_cancel.metrics import (
     HEARTBEAT_LOOP,
     MULTIPROC_ENV,
     PREFIX,
     SERVED_BY_PARENT_ENV,
 )
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from dagster import DagsterInstance
 from taskiq import AcknowledgeType
 from taskiq.receiver import Receiver
 
-from dagster_taskiq_cancel import hints
+from dagster_taskiq_cancel import hints, metrics
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.worker import health, metrics
+from dagster_taskiq_cancel.worker import health
 from dagster_taskiq_cancel.worker.worker import Worker
 
 logger = logging.getLogger(__name__)

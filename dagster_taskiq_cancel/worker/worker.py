@@ -38,14 +38,14 @@ from dagster import DagsterInstance, DagsterRunStatus
 from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
-from dagster_taskiq_cancel import heartbeats, hints
+from dagster_taskiq_cancel import heartbeats, hints, metrics
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import announce
 from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, TASK_ID_TAG
-from dagster_taskiq_cancel.worker import children, metrics, records, scale_in, stopping
+from dagster_taskiq_cancel.worker import children, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
 from dagster_taskiq_cancel.worker.admission import Gate
 from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_cancelled, run_started

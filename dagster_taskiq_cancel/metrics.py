@@ -16,18 +16,28 @@ import logging
 import time
 from collections.abc import Awaitable, Mapping
 from concurrent.futures import Executor
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from dagster import DagsterEventType, DagsterInstance
 from prometheus_client import Counter, Gauge, Histogram
 
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN
 
-if TYPE_CHECKING:
-    from dagster_taskiq_cancel.worker.held import HeldTask
-
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Task(Protocol):
+    """What the metrics read of a task a worker holds (``worker.held.HeldTask``)."""
+
+    task_id: str
+    run_id: str
+    step_key: str | None
+    stop_started_at: float | None
+    cancel: bool
+    killed: bool
+    fenced_because: str | None
+
 
 PREFIX = "dagster_taskiq_cancel_"
 # Set by the parent of --workers N: its children write to the directory and do not serve.
@@ -163,14 +173,14 @@ def task_not_started(task_id: str, step_key: str | None, outcome: str) -> None:
     TASKS_FINISHED.labels(kind_of(task_id, step_key), outcome).inc()
 
 
-def task_started(held: HeldTask) -> None:
+def task_started(held: Task) -> None:
     kind = kind_of(held.task_id, held.step_key)
     TASKS_STARTED.labels(kind).inc()
     TASKS_IN_FLIGHT.labels(kind).inc()
     _started[held.task_id] = time.monotonic()
 
 
-def task_exited(held: HeldTask) -> None:
+def task_exited(held: Task) -> None:
     """The child is gone: out of flight now; the outcome is known only once settled."""
     TASKS_IN_FLIGHT.labels(kind_of(held.task_id, held.step_key)).dec()
     started = _started.pop(held.task_id, None)
@@ -179,7 +189,7 @@ def task_exited(held: HeldTask) -> None:
 
 
 def task_ended(
-    held: HeldTask, returncode: int | None, instance: DagsterInstance, storage: Executor
+    held: Task, returncode: int | None, instance: DagsterInstance, storage: Executor
 ) -> None:
     """Count a settled task by outcome; for a cancel, measure RUN_CANCELING to process gone.
 

@@ -147,20 +147,20 @@ class Deployment:
         instance_config: Mapping[str, Any] | None = None,
         **settings: Any,
     ) -> None:
-        """``instance_config`` adds top-level dagster.yaml keys (storage, run coordinator)."""
+        """``instance_config`` adds top-level dagster.yaml keys (storage, run coordinator);
+        ``settings`` override the launcher's test defaults (a unique queue name, short times)."""
         self.root = root
         self.home = root / "dagster_home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.markers = root / "markers"
         self.logs = root / "logs"
         self.logs.mkdir(exist_ok=True)
-        self.settings = TaskiqCancelSettings(
-            queue_name=f"t{uuid.uuid4().hex[:12]}",
-            endpoint_url=endpoint_url,
-            grace_seconds=5,
-            drain_seconds=1,
-            **settings,
-        )
+        defaults = {
+            "queue_name": f"t{uuid.uuid4().hex[:12]}",
+            "grace_seconds": 5,
+            "drain_seconds": 1,
+        }
+        self.settings = TaskiqCancelSettings(endpoint_url=endpoint_url, **{**defaults, **settings})
         self.queues = SyncQueues(self.settings)
         self.queues.create_all()
         launcher_config = self.settings.model_dump(exclude_none=True)

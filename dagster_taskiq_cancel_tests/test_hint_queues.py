@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import signal
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,3 +209,36 @@ def test_holders_are_the_run_worker_and_every_claimer() -> None:
         "b:2:y",
         "c:3:z",
     }
+
+
+def test_a_fifo_deployment_runs_and_a_hint_stops_its_run(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """A `.fifo` queue name makes every queue FIFO, the worker's own hint queue too: a run
+    succeeds, a hint stops a run long before the poll would, and the queue goes at shutdown."""
+    deployment = Deployment(
+        tmp_path,
+        sqs_server.endpoint_url,
+        queue_name=f"t{uuid.uuid4().hex[:12]}.fifo",
+        poll_interval_seconds=SLOW_POLL,
+    )
+    try:
+        worker = deployment.start_worker()
+        ok = deployment.launch(sleepy_job)
+        deployment.wait_status(ok, {DagsterRunStatus.SUCCESS})
+        run_id = deployment.launch(sleepy_job, seconds=300)
+        pid = deployment.op_pid(run_id)
+        deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
+        (queue,) = hint_queue_names(deployment)
+        assert queue.endswith(".fifo"), queue
+        started = time.monotonic()
+        assert deployment.instance.run_launcher.terminate(run_id)
+        wait_for(lambda: not pid_alive(pid), HINT_DEADLINE_S, "the run's process gone")
+        print(f"\nFIFO terminate -> child gone: {time.monotonic() - started:.2f}s")
+        deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=20)
+        assert deployment.executions(ok) == 1
+        stop_process(worker)
+        assert worker.returncode == 0
+        assert hint_queue_names(deployment) == set()
+    finally:
+        deployment.stop()

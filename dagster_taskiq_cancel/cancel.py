@@ -24,7 +24,7 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.events import EngineEventData
 from dagster._core.storage.tags import MAX_RETRIES_TAG
 
-from dagster_taskiq_cancel import hints, intents
+from dagster_taskiq_cancel import claims, hints, intents
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 
@@ -254,7 +254,13 @@ class _Canceller:
         codec = codec_for(self.queues.settings)  # signs when a key is configured
         bodies = [(run, codec.dumps(request), request.request_id) for run, request in recorded]
         # The holders' own queues first: the holder hears these at once (``hints``).
-        hints.send_to_holders(self.queues, bodies)
+        try:
+            found = claims.run_claims(self.instance, [run.run_id for run, _ in recorded])
+        except Exception as exc:  # only the fast path is lost: the poll stops them anyway
+            logger.warning("Could not read who holds the runs to hint: %s", exc)
+            found = {}
+        run_holders = {run_id: claim.worker_id for run_id, claim in found.items()}
+        hints.send_to_holders(self.queues, bodies, run_holders)
         entries = [(body, run.run_id, dedup_id) for run, body, dedup_id in bodies]
         try:
             failures = self.queues.send_batch(self.queues.names.cancels, entries)

@@ -1,47 +1,68 @@
-"""Worker heartbeats in the run storage, so Dagster's run monitoring can tell a dead worker.
+"""Worker heartbeats in the run storage, so Dagster's run monitoring can tell a lost task.
 
-One write per worker every few seconds (not one per run): the run's ``dagster-taskiq/worker_id``
-tag says which worker holds it, and the launcher's ``check_run_worker_health`` compares that
-worker's last heartbeat with ``heartbeat_timeout_seconds``; the step handler's health check does
-the same for the worker named in a step task's claim.
+One write per worker every few seconds (not one per run): the time and the ids of the tasks the
+worker holds (admitting or running). A task is healthy while the worker that claimed it
+(``claims``) beats and its beat lists the task: a live worker whose task's process died while
+its run could not be settled (a storage error) no longer lists it, and the task counts as lost.
+The launcher's ``check_run_worker_health`` asks this about the run's task, the step handler's
+health check about a step's task, the sensor about a CANCELING run's holder.
 """
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
 
 from dagster import DagsterInstance, DagsterRun
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 
-from dagster_taskiq_cancel.tasks import (
-    RELEASED_TAG,
-    RESUME_SENT_TAG,
-    TAG_PREFIX,
-    TASK_ID_TAG,
-    WORKER_ID_TAG,
-    claim_tag,
-)
+from dagster_taskiq_cancel import claims
+from dagster_taskiq_cancel.tasks import TAG_PREFIX
 
 _KEY = f"{TAG_PREFIX}heartbeat/"
 
 
-def beat(instance: DagsterInstance, worker_id: str) -> None:
-    instance.run_storage.set_cursor_values({_KEY + worker_id: repr(time.time())})
+@dataclass(frozen=True)
+class Beat:
+    """A worker's last heartbeat: when (its clock), and the tasks it held then."""
+
+    at: float
+    tasks: frozenset[str]
+
+
+def beat(instance: DagsterInstance, worker_id: str, last: Beat) -> None:
+    """Write the heartbeat; its tasks must be read after its time (``Worker.holding``), so that
+    a beat never misses a task claimed before its time."""
+    value = json.dumps({"at": last.at, "tasks": sorted(last.tasks)})
+    instance.run_storage.set_cursor_values({_KEY + worker_id: value})
+
+
+def last_beat(instance: DagsterInstance, worker_id: str) -> Beat | None:
+    """``worker_id``'s last heartbeat; None if it never wrote one."""
+    raw = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
+    if not raw:
+        return None
+    value = json.loads(raw)
+    return Beat(float(value["at"]), frozenset(value["tasks"]))
 
 
 def worker_health(
     instance: DagsterInstance, run: DagsterRun, timeout_seconds: float
 ) -> CheckRunHealthResult:
-    """RUNNING while the holding worker's heartbeat is fresh, FAILED once it is stale.
+    """RUNNING while the worker that claimed the run's current task holds it, else FAILED.
 
-    After a resume, the lost worker's tag stays until a worker claims the resume task: while
-    that task waits in SQS (up to run monitoring's start timeout) the run is not lost again,
-    so run monitoring does not send a second resume that could run beside the first.
+    After a resume, the task is the resume task: while it waits in SQS unclaimed (up to run
+    monitoring's start timeout) the run is not lost again, so that run monitoring does not send
+    a second resume that could run beside the first.
     """
-    task_id = run.tags.get(TASK_ID_TAG, run.run_id)
-    sent = run.tags.get(RESUME_SENT_TAG)
-    if sent and claim_tag(run.run_id, task_id) not in run.tags:
-        waited = time.time() - float(sent)
+    sent = claims.sent_of(instance, run.run_id)
+    task_id = sent.task_id if sent else run.run_id
+    claim = claims.claim_of(instance, task_id)
+    if claim is None:
+        if sent is None or task_id == run.run_id:
+            return CheckRunHealthResult(WorkerStatus.RUNNING, "no worker has claimed the run yet")
+        waited = time.time() - sent.at
         if waited < instance.run_monitoring_start_timeout_seconds:
             return CheckRunHealthResult(
                 WorkerStatus.RUNNING, f"resume task {task_id} sent {waited:.0f}s ago, not taken yet"
@@ -52,33 +73,44 @@ def worker_health(
             f"(run_monitoring.start_timeout_seconds="
             f"{instance.run_monitoring_start_timeout_seconds:g})",
         )
-    worker_id = run.tags.get(WORKER_ID_TAG)
-    if worker_id is None:
-        return CheckRunHealthResult(WorkerStatus.RUNNING, "no worker has claimed the run yet")
-    if run.tags.get(RELEASED_TAG) == worker_id:
+    if claims.released_by(instance, task_id) == claim.worker_id:
         return CheckRunHealthResult(
             WorkerStatus.FAILED,
-            f"worker {worker_id} released the run: it stopped the run process (it lost the "
-            "run storage, or it shut down; see the run's events)",
+            f"worker {claim.worker_id} released the run: it stopped the run process (it lost "
+            "the run storage, or it shut down; see the run's events)",
         )
-    stale = staleness(instance, worker_id, timeout_seconds)
-    if stale is not None:
-        return CheckRunHealthResult(
-            WorkerStatus.FAILED, f"worker {worker_id} holding the run was {stale}"
-        )
+    lost = why_lost(instance, claim, timeout_seconds)
+    if lost is not None:
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"the run's task {lost}")
     return CheckRunHealthResult(WorkerStatus.RUNNING)
+
+
+def why_lost(instance: DagsterInstance, claim: claims.Claim, timeout_seconds: float) -> str | None:
+    """Why the claimed task is lost ("... was last seen ..."); None while its worker holds it.
+
+    A beat taken before the claim cannot list the task yet; one taken after it must.
+    """
+    last = last_beat(instance, claim.worker_id)
+    stale = _stale(last, timeout_seconds)
+    if stale is not None:
+        return f"{claim.task_id} is held by worker {claim.worker_id}, {stale}"
+    assert last is not None
+    if claim.task_id not in last.tasks and last.at >= claim.at:
+        return (
+            f"{claim.task_id} is no longer held by worker {claim.worker_id}: the worker lives "
+            "but its task ended without settling its run (see the worker's log)"
+        )
+    return None
 
 
 def staleness(instance: DagsterInstance, worker_id: str, timeout_seconds: float) -> str | None:
     """Why ``worker_id`` counts as dead ("last seen ..."); None while its heartbeat is fresh."""
-    age = seconds_since_beat(instance, worker_id)
+    return _stale(last_beat(instance, worker_id), timeout_seconds)
+
+
+def _stale(last: Beat | None, timeout_seconds: float) -> str | None:
+    age = time.time() - last.at if last is not None else None
     if age is not None and age <= timeout_seconds:
         return None
     seen = f"{age:.0f}s ago" if age is not None else "never"
     return f"last seen {seen} (heartbeat_timeout_seconds={timeout_seconds:g})"
-
-
-def seconds_since_beat(instance: DagsterInstance, worker_id: str) -> float | None:
-    """How long ago ``worker_id`` last wrote its heartbeat; None if it never did."""
-    last = instance.run_storage.get_cursor_values({_KEY + worker_id}).get(_KEY + worker_id)
-    return time.time() - float(last) if last else None

@@ -4,8 +4,8 @@ On the shared ``{queue}-cancels`` queue a hint reaches whichever worker receives
 not the holder, which then acts only at its next run-storage poll. So each worker also listens,
 while it holds work, on a queue of its own, ``{queue}-w-{digest}`` (created at start, deleted at
 clean shutdown, tagged with the worker id), and ``terminate()`` sends the hint to the queue of
-every worker the run's tags name as a holder (the run's worker, each step's claimer) as well as
-to the shared queue. It stays a hint: the holder checks the run storage before stopping anything.
+every worker that may hold the run's work (the claimer of its task, each step's claimer) as well
+as to the shared queue. It stays a hint: the holder checks the run storage before stopping anything.
 
 A worker that dies without a clean shutdown leaves its queue behind: the next worker to start
 deletes every hint queue whose worker's heartbeat is stale (``remove_stale``).
@@ -17,13 +17,13 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from dagster import DagsterInstance, DagsterRun
 
 from dagster_taskiq_cancel.heartbeats import staleness
 from dagster_taskiq_cancel.queues import FIFO_SUFFIX, QueueNames, SqsError, SyncQueues
-from dagster_taskiq_cancel.tasks import CLAIM_TAG, WORKER_ID_TAG
+from dagster_taskiq_cancel.tasks import CLAIM_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +58,15 @@ def hint_queue_name(names: QueueNames, worker_id: str) -> str:
     return name[: MAX_NAME - len(suffix)].rstrip("-") + suffix
 
 
-def holders(run: DagsterRun) -> set[str]:
-    """Worker ids the run's tags name: the run's holder and every task claimer (steps too)."""
-    found = {run.tags[WORKER_ID_TAG]} if WORKER_ID_TAG in run.tags else set()
+def holders(run: DagsterRun, run_holder: str | None) -> set[str]:
+    """Worker ids that may hold the run's work: ``run_holder`` (the claimer of its task, from
+    ``claims``) and each step claimer its tags name. The step tags are shown for people and may
+    miss a claim (a hint then waits for the poll); a tag inherited from a parent run names the
+    parent's steps, and is ignored."""
+    found = {run_holder} if run_holder else set()
+    own = f"{CLAIM_TAG}/{run.run_id}:"
     for tag, token in run.tags.items():
-        if (tag == CLAIM_TAG or tag.startswith(f"{CLAIM_TAG}/")) and "/" in token:
+        if tag.startswith(own) and "/" in token:
             found.add(token.rsplit("/", 1)[0])  # a claim token is "{worker id}/{nonce}"
     return found
 
@@ -73,8 +77,13 @@ def hint_url(queues: SyncQueues, name: str) -> str:
     return queues.url(queues.names.main).rsplit("/", 1)[0] + "/" + name
 
 
-def send_to_holders(queues: SyncQueues, entries: Sequence[tuple[DagsterRun, str, str]]) -> int:
-    """Send each (run, body, dedup id) to the hint queue of each of its run's holders.
+def send_to_holders(
+    queues: SyncQueues,
+    entries: Sequence[tuple[DagsterRun, str, str]],
+    run_holders: Mapping[str, str],
+) -> int:
+    """Send each (run, body, dedup id) to the hint queue of each of its run's holders
+    (``run_holders``: run id → the worker that claimed its task).
 
     One SendMessageBatch per holder; a holder whose queue is gone (it died) or any other SQS
     error is logged and skipped: the shared queue and the poll still deliver. Returns how many
@@ -82,7 +91,7 @@ def send_to_holders(queues: SyncQueues, entries: Sequence[tuple[DagsterRun, str,
     """
     by_queue: dict[str, list[tuple[str, str, str]]] = {}
     for run, body, dedup_id in entries:
-        for worker_id in holders(run):
+        for worker_id in holders(run, run_holders.get(run.run_id)):
             name = hint_queue_name(queues.names, worker_id)
             by_queue.setdefault(name, []).append((body, run.run_id, dedup_id))
     sent = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Mapping
 from typing import Any, Self
 
@@ -18,6 +17,7 @@ from dagster._core.launcher import (
 )
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.messages import codec_for
@@ -30,7 +30,6 @@ from dagster_taskiq_cancel.settings import (
 )
 from dagster_taskiq_cancel.tasks import (
     QUEUE_TAG,
-    RESUME_SENT_TAG,
     TASK_ID_TAG,
     TaskMessage,
     resume_task_message,
@@ -73,6 +72,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         return SyncQueues(self.settings)
 
     def launch_run(self, context: LaunchRunContext) -> None:
+        """Send the run's task. Bookkeeping tags the run carries from its parent (a re-execution,
+        a run retry) or from its user decide nothing: its task and claim live in ``claims``."""
         message = run_task_message(context.dagster_run.run_id, codec_for(self.settings))
         self._send(context.dagster_run, message, "run")
 
@@ -89,7 +90,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         run = context.dagster_run
         attempt = context.resume_attempt_number or 1
         message = resume_task_message(run.run_id, attempt, codec_for(self.settings))
-        self._send(run, message, "resume of the run", {RESUME_SENT_TAG: repr(time.time())})
+        self._send(run, message, "resume of the run")
 
     def _send(
         self,
@@ -99,6 +100,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         tags: Mapping[str, str] | None = None,
     ) -> None:
         queue = self.queues.names.main
+        claims.record_sent(self._instance, run.run_id, message.task_id)
         self._instance.add_run_tags(
             run.run_id, {TASK_ID_TAG: message.task_id, QUEUE_TAG: queue, **(tags or {})}
         )

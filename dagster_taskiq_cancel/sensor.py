@@ -24,7 +24,7 @@ from typing import Any
 import dagster as dg
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 
-from dagster_taskiq_cancel import heartbeats
+from dagster_taskiq_cancel import claims, heartbeats
 from dagster_taskiq_cancel.messages import (
     STOPPED_OUTCOMES,
     CancelAck,
@@ -34,7 +34,6 @@ from dagster_taskiq_cancel.messages import (
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.resource import TaskiqCancelResource
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
 from dagster_taskiq_cancel.timing import stop_seconds
 
 CANCELING = dg.DagsterRunStatus.CANCELING
@@ -144,7 +143,9 @@ def _apply_ack(
     if ack.step_key is not None or ack.outcome not in STOPPED_OUTCOMES:
         return
     current = _still_canceling(instance, run.run_id)
-    if current is None or (ack.outcome == "skipped" and WORKER_ID_TAG in current.tags):
+    if current is None or (
+        ack.outcome == "skipped" and claims.run_claim(instance, run.run_id) is not None
+    ):
         return
     instance.report_run_canceled(current, message=f"Run {ack.outcome} on worker {ack.worker_id}.")
     summary.canceled += 1
@@ -343,23 +344,21 @@ def time_out_silent_cancels(
         run = _still_canceling(instance, run_id)
         if run is None:
             continue
-        holder = run.tags.get(WORKER_ID_TAG)
-        age = heartbeats.seconds_since_beat(instance, holder) if holder else None
-        if age is not None and age <= settings.heartbeat_timeout_seconds:
-            summary.holder_alive += 1
-            continue
-        if holder:
-            seen = f"{age:.0f}s ago" if age is not None else "never"
-            who = f"worker {holder} last held it and was last seen {seen}"
-        else:
-            who = "no worker had started it"
+        claim = claims.run_claim(instance, run_id)
+        who = "no worker had started it"
+        if claim is not None:
+            lost = heartbeats.why_lost(instance, claim, settings.heartbeat_timeout_seconds)
+            if lost is None:
+                summary.holder_alive += 1
+                continue
+            who = f"its task {lost}"
         _record(
             instance,
             run,
             f"No worker confirmed the stop within {timeout:g}s of the cancel request "
             f"(the run's notice and grace plus cancel_timeout_seconds; {who}); marking the run "
             "CANCELED. Check that its processes are gone.",
-            {"worker_id": holder, "waited_seconds": round(waited, 3)},
+            {"worker_id": claim.worker_id if claim else None, "waited_seconds": round(waited, 3)},
             level=logging.WARNING,
         )
         instance.report_run_canceled(

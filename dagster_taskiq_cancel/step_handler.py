@@ -17,11 +17,11 @@ from dagster._core.executor.step_delegating import (
     StepHandlerContext,
 )
 
-from dagster_taskiq_cancel import heartbeats
+from dagster_taskiq_cancel import claims, heartbeats
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import claim_tag, step_task_id, step_task_message
+from dagster_taskiq_cancel.tasks import step_task_id, step_task_message
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,9 @@ class TaskiqStepHandler(StepHandler):
         step instead of waiting for it forever, as dagster-docker and dagster-k8s answer from
         the container or Job.
 
-        Lost means: the worker named in the task's claim has a stale heartbeat (it died, and the
-        step's processes with it), or no worker claimed the task within
+        Lost means: the worker that claimed the task (``claims``) has a stale heartbeat (it
+        died, and the step's processes with it) or beats without listing the task
+        (``heartbeats.why_lost``), or no worker claimed the task within
         ``step_claim_timeout_seconds`` of its sending (a lost message, no worker on the queue).
         Two run-storage reads per running step and check; SQS is not asked.
         """
@@ -93,8 +94,7 @@ class TaskiqStepHandler(StepHandler):
         task_id = step_task_id(args.run_id, step_key, _attempt(step_handler_context, step_key))
         settings = self.queues.settings
         instance = step_handler_context.instance
-        run = instance.get_run_by_id(args.run_id)
-        claim = run.tags.get(claim_tag(args.run_id, task_id)) if run else None
+        claim = claims.claim_of(instance, task_id)
         if claim is None:
             waited = time.time() - self._sent.setdefault(task_id, time.time())
             if waited <= settings.step_claim_timeout_seconds:
@@ -104,13 +104,10 @@ class TaskiqStepHandler(StepHandler):
                 f"{settings.step_claim_timeout_seconds:g}s (step_claim_timeout_seconds): "
                 f"is a worker serving queue {self.queues.names.main}?"
             )
-        worker_id = claim.rsplit("/", 1)[0]
-        stale = heartbeats.staleness(instance, worker_id, settings.heartbeat_timeout_seconds)
-        if stale is None:
+        lost = heartbeats.why_lost(instance, claim, settings.heartbeat_timeout_seconds)
+        if lost is None:
             return CheckStepHealthResult.healthy()
-        return CheckStepHealthResult.unhealthy(
-            f"worker {worker_id} holding step task {task_id} was {stale}"
-        )
+        return CheckStepHealthResult.unhealthy(f"step task {lost}")
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         """Hint the workers to check the run now; a failed send only delays the stop.

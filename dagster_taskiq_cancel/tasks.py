@@ -90,6 +90,17 @@ def step_task_message(
     return _message(task_id, EXECUTE_STEP, run_id, kwargs, codec)
 
 
+def task_message(
+    run_id: str, step_key: str | None, attempt: int, resume: bool, codec: Codec | None = None
+) -> TaskMessage:
+    """The one message of a task, rebuilt from its ids (to send it again)."""
+    if step_key is not None:
+        return step_task_message(run_id, step_key, attempt, codec)
+    if resume:
+        return resume_task_message(run_id, attempt, codec)
+    return run_task_message(run_id, codec)
+
+
 def expected_task_id(task_name: str, kwargs: Mapping[str, str]) -> str | None:
     """The only id a task with these arguments may have (None: the arguments are invalid).
 

@@ -4,7 +4,10 @@ A task names ids only, and its sender may be anyone who can write to the queue. 
 only if the launcher sent it (the run's ``task_id`` tag names it) and the run can start; a step
 task only if its run's executor recorded launching this very task. Every argument of the child
 comes from the run storage and the worker's own instance (``step_args``). Of concurrent copies
-of one task, the claim lets exactly one worker run it.
+of one task, the claim (``claims``) lets exactly one worker run it.
+
+Work is failed only by the worker that claimed it: an error before the claim raises
+``NotClaimed``, and the worker hands the task back to the queue for another try.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
 from dagster._serdes import serialize_value
 
-from dagster_taskiq_cancel import metrics
+from dagster_taskiq_cancel import claims, metrics
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV
 from dagster_taskiq_cancel.tasks import TASK_ID_TAG, WORKER_ID_TAG, claim_tag
 from dagster_taskiq_cancel.worker import children
@@ -29,7 +32,10 @@ from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
 logger = logging.getLogger(__name__)
 
-_CLAIM_EVENT = "Run task claimed by"
+
+class NotClaimed(Exception):
+    """Admission failed before this worker claimed the task: the task is not this worker's to
+    fail, and goes back to the queue."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,36 @@ class Gate:
         self, task_id: str, run_id: str, step_key: str | None, attempt: int, resume: bool
     ) -> Admitted | DagsterRunStatus | None:
         """The task cleared to run; else the status of a cancelled run (to ack as skipped), or
-        None when the task must not run (logged with why)."""
+        None when the task must not run (logged with why). Raises ``NotClaimed`` for an error
+        before the claim; any later error is the claimer's to record."""
+        try:
+            decided = self._claim(task_id, run_id, step_key, resume)
+        except Exception as exc:
+            raise NotClaimed(f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(decided, DagsterRun):
+            return decided
+        run = decided
+        self._show(run, task_id, step_key)
+        if step_key is not None:
+            args = step_args(self.instance, run, step_key, attempt)
+            # Dagster's own way to pass them: an env var (the k8s shape), not the command line.
+            env = {e["name"]: e["value"] for e in args.get_command_env()}
+            return Admitted(run, children.dagster_api_argv("execute_step"), self.child_env(env))
+        args_type = ResumeRunArgs if resume else ExecuteRunArgs
+        run_args = args_type(
+            job_origin=run.job_code_origin,  # type: ignore[arg-type]
+            run_id=run_id,
+            instance_ref=self.instance.get_ref(),
+            set_exit_code_on_failure=True,
+        )
+        command = "resume_run" if resume else "execute_run"
+        argv = children.dagster_api_argv(command, serialize_value(run_args))
+        return Admitted(run, argv, self.child_env({}))
+
+    def _claim(
+        self, task_id: str, run_id: str, step_key: str | None, resume: bool
+    ) -> DagsterRun | DagsterRunStatus | None:
+        """The run, once this worker claimed the task; else what ``admit`` answers."""
         run = self.instance.get_run_by_id(run_id)
         if run is None:
             logger.warning("Dropping task %s: run %s does not exist", task_id, run_id)
@@ -71,84 +106,69 @@ class Gate:
             )
             return None
         if step_key is not None:
-            return self._admit_step(run, task_id, step_key, attempt)
-        if run.tags.get(TASK_ID_TAG) != task_id:
+            if run.status != DagsterRunStatus.STARTED or not was_launched(
+                self.instance, run_id, step_key, task_id
+            ):
+                logger.warning(
+                    "Dropping task %s: run %s (%s) has no record of launching it",
+                    task_id,
+                    run_id,
+                    run.status.value,
+                )
+                return None
+            if not self.claim(task_id):
+                logger.info("Dropping task %s: another worker claimed it", task_id)
+                return None
+            return run
+        sent = claims.sent_of(self.instance, run_id)
+        if sent is None or sent.task_id != task_id:
             logger.warning(
                 "Dropping task %s: run %s was not sent as this task (%s)",
                 task_id,
                 run_id,
-                run.tags.get(TASK_ID_TAG),
+                sent.task_id if sent else "no task sent",
             )
             return None
         startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE
-        if run.status not in startable or not self.claim(run, task_id):
+        if run.status not in startable or not self.claim(task_id):
             logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
             return None
-        args_type = ResumeRunArgs if resume else ExecuteRunArgs
-        run_args = args_type(
-            job_origin=run.job_code_origin,  # type: ignore[arg-type]
-            run_id=run_id,
-            instance_ref=self.instance.get_ref(),
-            set_exit_code_on_failure=True,
-        )
-        command = "resume_run" if resume else "execute_run"
-        argv = children.dagster_api_argv(command, serialize_value(run_args))
-        return Admitted(run, argv, self.child_env({}))
+        return run
 
-    def _admit_step(
-        self, run: DagsterRun, task_id: str, step_key: str, attempt: int
-    ) -> Admitted | None:
-        if run.status != DagsterRunStatus.STARTED or not was_launched(
-            self.instance, run.run_id, step_key, task_id
-        ):
+    def claim(self, task_id: str) -> bool:
+        """Claim a task for this worker (``claims.claim``: of concurrent claimers, one wins).
+
+        A claim this same worker made before, whose answer was lost with the connection, is
+        this worker's still: the task was handed back, and came back here.
+        """
+        error: Exception | None = None
+        try:
+            if claims.claim(self.instance, task_id, self.worker_id):
+                return True
+        except Exception as exc:
+            error = exc
+        made = claims.claim_of(self.instance, task_id)
+        if made is not None and made.worker_id == self.worker_id:
+            return True
+        if error is not None:
+            raise error
+        return False
+
+    def _show(self, run: DagsterRun, task_id: str, step_key: str | None) -> None:
+        """Tags for people (the UI) and for cancel hints; nothing decides on them, and
+        concurrent writers may lose some, so a failure to write them only warns."""
+        if step_key is not None:
+            tags = {claim_tag(run.run_id, task_id): f"{self.worker_id}/{uuid.uuid4().hex}"}
+        else:
+            tags = {TASK_ID_TAG: task_id, WORKER_ID_TAG: self.worker_id}
+        try:
+            self.instance.add_run_tags(run.run_id, tags)
+        except Exception as exc:
             logger.warning(
-                "Dropping task %s: run %s (%s) has no record of launching it",
-                task_id,
-                run.run_id,
-                run.status.value,
+                "Could not tag run %s with its claim of %s: %s", run.run_id, task_id, exc
             )
-            return None
-        if not self.claim(run, task_id):
-            logger.info("Dropping task %s: another worker claimed it", task_id)
-            return None
-        args = step_args(self.instance, run, step_key, attempt)
-        # Dagster's own way to pass them: an env var (the k8s shape), not the command line.
-        env = {e["name"]: e["value"] for e in args.get_command_env()}
-        return Admitted(run, children.dagster_api_argv("execute_step"), self.child_env(env))
 
     def child_env(self, extra: Mapping[str, str]) -> dict[str, str]:
         """The worker's environment for a child, with its own cancel deadline file."""
         cancel_file = self.cancel_dir / f"{uuid.uuid4().hex}.deadline"
         return metrics.child_env({**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)})
-
-    def claim(self, run: DagsterRun, task_id: str) -> bool:
-        """Claim a task for this worker; of concurrent claims, the first in the event log wins.
-
-        A tag written and read back is not enough: two workers that receive copies of the task
-        at the same moment both write the tag and may each read back their own. The event log
-        orders entries by storage id, so every claimer agrees on which claim came first. Each
-        resume attempt and each step attempt is a task of its own, with its own claim; only a
-        run or resume claim makes this worker the run's holder (``WORKER_ID_TAG``). ``run`` is
-        the record ``admit`` has just read.
-        """
-        run_id = run.run_id
-        token = f"{self.worker_id}/{uuid.uuid4().hex}"
-        tag = claim_tag(run_id, task_id)
-        event = _CLAIM_EVENT if task_id == run_id else f"Task {task_id} claimed by"
-        if tag in run.tags:
-            return False
-        self.instance.report_engine_event(f"{event} {token}.", run)
-        events = self.instance.get_records_for_run(
-            run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=True
-        ).records
-        messages = (
-            record.event_log_entry.dagster_event.message or ""
-            for record in events
-            if record.event_log_entry.dagster_event is not None
-        )
-        # A default, not StopIteration: raised in the storage thread, it would hang the await.
-        if token not in next((m for m in messages if m.startswith(f"{event} ")), ""):
-            return False
-        holder = {} if run.tags.get(TASK_ID_TAG) != task_id else {WORKER_ID_TAG: self.worker_id}
-        self.instance.add_run_tags(run_id, {tag: token, **holder})
-        return True

@@ -14,7 +14,8 @@ from dagster._core.events import DagsterEvent, EngineEventData, StepFailureData
 from dagster._core.execution.plan.handle import StepHandle
 from dagster._utils.error import SerializableErrorInfo
 
-from dagster_taskiq_cancel.tasks import RELEASED_TAG, TASK_ID_TAG
+from dagster_taskiq_cancel import claims
+from dagster_taskiq_cancel.tasks import RELEASED_TAG
 from dagster_taskiq_cancel.worker.held import HeldTask
 
 
@@ -91,5 +92,13 @@ def record_fence(instance: DagsterInstance, worker_id: str, held: HeldTask) -> N
     if run is None or run.is_finished:
         return
     instance.report_engine_event(message, run)
-    if run.tags.get(TASK_ID_TAG) == held.task_id:
-        instance.add_run_tags(held.run_id, {RELEASED_TAG: worker_id})
+    release(instance, worker_id, held.run_id, held.task_id)
+
+
+def release(instance: DagsterInstance, worker_id: str, run_id: str, task_id: str) -> None:
+    """Mark the run's task released by ``worker_id`` (``claims.release``, and a tag for people),
+    unless the run was resumed elsewhere since: that task is its new holder's."""
+    latest = claims.sent_of(instance, run_id)
+    if latest is not None and latest.task_id == task_id:
+        claims.release(instance, task_id, worker_id)
+        instance.add_run_tags(run_id, {RELEASED_TAG: worker_id})

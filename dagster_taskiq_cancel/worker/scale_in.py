@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dagster import DagsterInstance, DagsterRunStatus
 
-from dagster_taskiq_cancel.tasks import RELEASED_TAG, TASK_ID_TAG
+from dagster_taskiq_cancel import claims
+from dagster_taskiq_cancel.worker import records
 
 
 def record_leaving(
@@ -37,7 +38,8 @@ def record_leaving(
     if step_key is not None or run.status != DagsterRunStatus.STARTED:
         instance.report_engine_event(f"{leaving}.", run, step_key=step_key)
         return False
-    if run.tags.get(TASK_ID_TAG) != task_id:
+    latest = claims.sent_of(instance, run_id)
+    if latest is None or latest.task_id != task_id:
         return False  # resumed elsewhere: the fencing check stops this copy
     if instance.run_will_resume(run_id):
         instance.report_engine_event(
@@ -68,5 +70,4 @@ def release(instance: DagsterInstance, worker_id: str, run_id: str, task_id: str
     run = instance.get_run_by_id(run_id)
     if run is None or run.status != DagsterRunStatus.STARTED:
         return
-    if run.tags.get(TASK_ID_TAG) == task_id:  # else resumed elsewhere already
-        instance.add_run_tags(run_id, {RELEASED_TAG: worker_id})
+    records.release(instance, worker_id, run_id, task_id)

@@ -38,16 +38,16 @@ from dagster import DagsterInstance, DagsterRunStatus
 from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
-from dagster_taskiq_cancel import heartbeats, hints, metrics
+from dagster_taskiq_cancel import claims, heartbeats, hints, metrics
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import announce
 from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, TASK_ID_TAG
+from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, task_message
 from dagster_taskiq_cancel.worker import children, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
-from dagster_taskiq_cancel.worker.admission import Gate
+from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
 from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_cancelled, run_started
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.held import HeldTask
@@ -69,6 +69,7 @@ class Worker:
         broker: CancellableSqsBroker | None = None,
     ) -> None:
         self.settings = settings
+        claims.sql_storage(instance)  # a clear error now, not at the first task
         self.instance = instance
         self.broker = broker or CancellableSqsBroker(settings)
         # Per boot: a restarted worker (PID 1 again in a container) must not beat under the
@@ -76,6 +77,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.last_beat = time.monotonic()  # of the last heartbeat written (start: none due yet)
         self.held: dict[str, HeldTask] = {}
+        self._admitting: set[str] = set()  # tasks between dequeue and ``held`` (or drop)
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending_requests: dict[str, CancelRequest] = {}
         self._wake = asyncio.Event()
@@ -142,6 +144,7 @@ class Worker:
             metrics.task_not_started(task_id, step_key, "dropped")
             return
         self._remember(task_id)
+        self._admitting.add(task_id)
         try:
             admitted = await self._storage_call(
                 self._gate.admit, task_id, run_id, step_key, attempt, resume
@@ -155,6 +158,10 @@ class Worker:
                 metrics.task_not_started(task_id, step_key, "dropped")
                 return
             process = await children.spawn(admitted.argv, admitted.env)
+        except (NotClaimed, TimeoutError) as exc:
+            # Not this worker's to fail (a timed-out admission may not have claimed either).
+            await self._hand_back(task_id, run_id, step_key, attempt, resume, exc)
+            return
         except Exception:
             error = serializable_error_info_from_exc_info(sys.exc_info())
             logger.exception("Could not start task %s of run %s", task_id, run_id)
@@ -165,9 +172,37 @@ class Worker:
                     records.fail_task, self.instance, run_id, step_key, message, error
                 )
             return
+        finally:
+            self._admitting.discard(task_id)
         tags, cancel_file = admitted.run.tags, admitted.cancel_file
         held = HeldTask(task_id, run_id, step_key, process, tags, cancel_file)
         await self._run_child(held)
+
+    async def _hand_back(
+        self,
+        task_id: str,
+        run_id: str,
+        step_key: str | None,
+        attempt: int,
+        resume: bool,
+        why: BaseException,
+    ) -> None:
+        """Send the task again for another try: its message was deleted on receipt
+        (``WHEN_RECEIVED``), and admission failed before this worker claimed it."""
+        logger.warning("Handing task %s of run %s back to the queue: %r", task_id, run_id, why)
+        metrics.task_not_started(task_id, step_key, "handed_back")
+        self._recent.pop(task_id, None)  # the copy may come back here
+        message = task_message(run_id, step_key, attempt, resume, self.codec)
+        group_id = message.task_id if step_key is not None else run_id
+        await self.broker.send_until_sent(
+            self.broker.names.main, message.body, group_id, f"{task_id}/{uuid.uuid4().hex}"
+        )
+
+    def holding(self) -> heartbeats.Beat:
+        """The heartbeat to write: the time, then the tasks held (admitting or running). Both
+        are read here on the event loop, so a task missing from a beat was claimed after it."""
+        now = time.time()
+        return heartbeats.Beat(now, frozenset({*self._admitting, *self.held}))
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None
@@ -246,7 +281,9 @@ class Worker:
         timeout = self.settings.heartbeat_timeout_seconds
         while True:
             try:
-                await self._storage_call(heartbeats.beat, self.instance, self.worker_id)
+                await self._storage_call(
+                    heartbeats.beat, self.instance, self.worker_id, self.holding()
+                )
                 self.last_beat = time.monotonic()
             except Exception as exc:
                 silent = time.monotonic() - self.last_beat
@@ -273,10 +310,14 @@ class Worker:
         if not waiting:
             return
         runs = await self._storage_call(held_runs, self.instance, {h.run_id for h in waiting})
+        run_tasks = {h.run_id for h in waiting if h.step_key is None}
+        latest = (
+            await self._storage_call(claims.sent, self.instance, run_tasks) if run_tasks else {}
+        )
         for held in waiting:
             run = runs.get(held.run_id)
             status = run.status if run else None
-            sent = run.tags.get(TASK_ID_TAG) if run else None
+            sent = latest[held.run_id].task_id if held.run_id in latest else None
             if held.step_key is None and sent is not None and sent != held.task_id:
                 self._fence(f"the run was sent again as task {sent} (a resume)", held)
                 continue

@@ -34,11 +34,12 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
 from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.cancel import WRITERS, pooled_instance
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import TASK_ID_TAG, run_task_message
+from dagster_taskiq_cancel.tasks import run_task_message
 
 T = TypeVar("T")
 
@@ -318,7 +319,7 @@ def create_pending_runs(
         if index % 2:
             event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
             instance.report_dagster_event(event, run.run_id)
-            instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
+            claims.record_sent(instance, run.run_id, run.run_id)
         return run
 
     with pooled_instance(deployment.instance) as instance, ThreadPoolExecutor(WRITERS) as pool:
@@ -336,3 +337,10 @@ def main_queue_empty(deployment: Deployment) -> bool:
     """Every task message is taken (cancel hints may still be draining)."""
     depth = deployment.queues.depths()[deployment.queues.names.main]
     return depth == {"visible": 0, "in_flight": 0}
+
+
+def hold(instance: DagsterInstance, run_id: str, worker_id: str) -> None:
+    """Make ``worker_id`` the run's holder as its claim of the run task would."""
+    if claims.sent_of(instance, run_id) is None:
+        claims.record_sent(instance, run_id, run_id)
+    assert claims.claim(instance, run_id, worker_id)

@@ -18,9 +18,9 @@ from dagster._core.origin import JobPythonOrigin, RepositoryPythonOrigin
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import ConfigurableClassData, serialize_value
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.tasks import (
     EXECUTE_STEP,
-    TASK_ID_TAG,
     resume_task_message,
     run_task_message,
     step_task_id,
@@ -73,7 +73,7 @@ def test_forged_tasks_run_nothing(deployment: Deployment) -> None:
     started = deployment.create_run(sleepy_job, seconds=0)
     event = DagsterEvent(DagsterEventType.RUN_START.value, job_name=started.job_name)
     deployment.instance.report_dagster_event(event, started.run_id)
-    deployment.instance.add_run_tags(started.run_id, {TASK_ID_TAG: started.run_id})
+    claims.record_sent(deployment.instance, started.run_id, started.run_id)
     step = "sleeper"
     real_step = step_task_message(started.run_id, step, 0).body
     forged = {

@@ -195,16 +195,18 @@ def test_hint_queue_names_fit_sqs_rules(main: str) -> None:
     assert name != hints.hint_queue_name(names, worker[:-1] + "e")
 
 
-def test_holders_are_the_run_worker_and_every_claimer() -> None:
+def test_holders_are_the_run_tasks_claimer_and_every_step_claimer() -> None:
+    """A parent's tags, copied to a re-execution, name the parent's holders: not hinted."""
     tags = {
-        WORKER_ID_TAG: "a:1:x",
-        CLAIM_TAG: "a:1:x/n1",
+        WORKER_ID_TAG: "parent:1:x",
+        CLAIM_TAG: "parent:1:x/n1",
+        f"{CLAIM_TAG}/parent:step_one:0": "parent:2:y/n0",
         f"{CLAIM_TAG}/r:step_one:0": "b:2:y/n2",
         f"{CLAIM_TAG}/r:step_two:0": "c:3:z/n3",
         f"{CLAIM_TAG}/r:step_three:0": "not a token",
         "dagster-taskiq/queue": "q",
     }
-    assert hints.holders(DagsterRun(job_name="j", run_id="r", tags=tags)) == {
+    assert hints.holders(DagsterRun(job_name="j", run_id="r", tags=tags), "a:1:x") == {
         "a:1:x",
         "b:2:y",
         "c:3:z",

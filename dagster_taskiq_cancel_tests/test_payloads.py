@@ -13,6 +13,7 @@ import pytest
 from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus
 from taskiq import BrokerMessage
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import MalformedMessage
@@ -27,7 +28,7 @@ from dagster_taskiq_cancel.payloads import (
 )
 from dagster_taskiq_cancel.queues import boto_client_kwargs
 from dagster_taskiq_cancel.settings import SettingsError, TaskiqCancelSettings, build_settings
-from dagster_taskiq_cancel.tasks import TASK_ID_TAG, run_task_message
+from dagster_taskiq_cancel.tasks import run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, main_queue_empty, wait_for
 from dagster_taskiq_cancel_tests.step_jobs import fan_job, fan_run_config
@@ -179,7 +180,7 @@ def _starting_run(deployment: Deployment) -> str:
     run = deployment.create_run(sleepy_job)
     event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
     deployment.instance.report_dagster_event(event, run.run_id)
-    deployment.instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
+    claims.record_sent(deployment.instance, run.run_id, run.run_id)
     return run.run_id
 
 

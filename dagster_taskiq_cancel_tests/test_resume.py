@@ -15,8 +15,9 @@ from dagster._core.workspace.context import WorkspaceProcessContext
 from dagster._core.workspace.load_target import EmptyWorkspaceTarget
 from dagster._daemon.monitoring.run_monitoring import execute_run_monitoring_iteration
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
-from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, claim_tag, resume_task_id
+from dagster_taskiq_cancel.tasks import resume_task_id
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for, worker_pid
 
@@ -61,9 +62,11 @@ def test_lost_worker_run_resumes_on_another_worker_and_can_be_terminated(
             wait_for(resumed, 60, "run monitoring to resume both runs", interval=0.5)
 
         for run_id in first_pids:
-            claim = claim_tag(run_id, resume_task_id(run_id, 1))
-            wait_for(lambda r=run_id, c=claim: c in deployment.tags(r), 60, f"{claim} on {run_id}")
-            assert worker_pid(deployment.tags(run_id)[WORKER_ID_TAG]) == survivor.pid
+            resume = resume_task_id(run_id, 1)
+            claim = wait_for(
+                lambda r=resume: claims.claim_of(deployment.instance, r), 60, f"{resume} claimed"
+            )
+            assert worker_pid(claim.worker_id) == survivor.pid
         deployment.wait_status(finishes, {DagsterRunStatus.SUCCESS}, timeout=90)
         assert deployment.executions(finishes) == 2  # once on each worker
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from dagster import DagsterEventType, DagsterRunStatus
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
-from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, claim_tag, resume_task_id
+from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, resume_task_id
 from dagster_taskiq_cancel_tests.jobs import slow_first_job
 from dagster_taskiq_cancel_tests.stack import (
     MOTO_ONLY,
@@ -74,10 +75,12 @@ def test_a_drained_workers_run_resumes_on_another_worker_and_succeeds(
             30,
             "run monitoring to resume the run",
         )
-        claim = claim_tag(run_id, resume_task_id(run_id, 1))
-        wait_for(lambda: claim in deployment.tags(run_id), 60, f"{claim} on the run")
-        assert deployment.tags(run_id)[WORKER_ID_TAG] != drained
-        assert worker_pid(deployment.tags(run_id)[WORKER_ID_TAG]) == deployment.workers[1].pid
+        resume = resume_task_id(run_id, 1)
+        claim = wait_for(
+            lambda: claims.claim_of(deployment.instance, resume), 60, f"{resume} claimed"
+        )
+        assert claim.worker_id != drained
+        assert worker_pid(claim.worker_id) == deployment.workers[1].pid
         deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=60)
         assert deployment.executions(run_id) == 2  # interrupted once, then done on the other
         assert any(drained in m and "resume" in m for m in deployment.engine_messages(run_id)), (

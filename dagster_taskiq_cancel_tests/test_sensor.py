@@ -24,9 +24,8 @@ from dagster_taskiq_cancel import (
 )
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import CancelAck, Codec
-from dagster_taskiq_cancel.tasks import WORKER_ID_TAG
 from dagster_taskiq_cancel_tests.jobs import sleepy_job, stubborn_job
-from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, hold, pid_alive, wait_for
 
 CANCELED = DagsterRunStatus.CANCELED
 SENSOR = "dagster_taskiq_cancel reconciliation sensor: "
@@ -137,7 +136,7 @@ def test_run_cancelled_before_it_started_is_skipped_and_ends_canceled(
 @MOTO_ONLY
 def test_cancel_nobody_confirms_times_out_with_a_warning(deployment: Deployment) -> None:
     run_id = deployment.launch(sleepy_job)
-    deployment.instance.add_run_tags(run_id, {WORKER_ID_TAG: "host-a:123"})
+    hold(deployment.instance, run_id, "host-a:123")
     set_canceling(deployment, run_id)
     tick(deployment)
     assert deployment.status(run_id) == DagsterRunStatus.CANCELING, "120 s default not reached"
@@ -169,7 +168,7 @@ def test_acks_never_overwrite_a_status_other_than_canceling(deployment: Deployme
     assert deployment.instance.run_launcher.terminate(canceled)
     deployment.wait_status(canceled, {CANCELED}, timeout=30)  # Dagster wrote it itself
     claimed = deployment.create_run(sleepy_job).run_id  # held elsewhere: a skip proves nothing
-    deployment.instance.add_run_tags(claimed, {WORKER_ID_TAG: "host-b:1"})
+    hold(deployment.instance, claimed, "host-b:1")
     set_canceling(deployment, claimed)
     for run_id, outcome in ((done, "cancelled"), (live, "killed"), (claimed, "skipped")):
         forged = CancelAck(run_id=run_id, task_id=run_id, worker_id="forger", outcome=outcome)
@@ -269,14 +268,16 @@ def test_timeout_waits_for_the_runs_notice_and_grace(deployment: Deployment) -> 
 def test_no_timeout_while_the_holding_worker_is_alive(deployment: Deployment) -> None:
     """A fresh heartbeat from the holder means its processes may still be stopping."""
     run_id = deployment.create_run(sleepy_job, tags={"dagster-taskiq/grace_seconds": "0"}).run_id
-    deployment.instance.add_run_tags(run_id, {WORKER_ID_TAG: "host-c:7"})
+    hold(deployment.instance, run_id, "host-c:7")
     set_canceling(deployment, run_id)
     fields: dict[str, Any] = {"cancel_timeout_seconds": 0.5, "heartbeat_timeout_seconds": 3}
     started = time.monotonic()
     summaries: list[str] = []
     while time.monotonic() - started < 2:
         last_beat = time.monotonic()
-        heartbeats.beat(deployment.instance, "host-c:7")
+        heartbeats.beat(
+            deployment.instance, "host-c:7", heartbeats.Beat(time.time(), frozenset([run_id]))
+        )
         summaries.append(tick(deployment, quick_sensor, **fields))
         assert deployment.status(run_id) == DagsterRunStatus.CANCELING, summaries
     assert count(summaries, "holder alive") >= 1

@@ -15,13 +15,13 @@ from pathlib import Path
 from dagster import DagsterEvent, DagsterEventType, DagsterRunStatus
 from dagster._core.launcher import WorkerStatus
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import (
     RELEASED_TAG,
     TAG_PREFIX,
-    TASK_ID_TAG,
     WORKER_ID_TAG,
     resume_task_id,
     resume_task_message,
@@ -80,7 +80,7 @@ def test_an_error_after_the_message_is_deleted_fails_the_run_at_once(
     run = deployment.instance.create_run_for_job(sleepy_job, run_config=config)  # no origin
     event = DagsterEvent(DagsterEventType.RUN_STARTING.value, job_name=run.job_name)
     deployment.instance.report_dagster_event(event, run.run_id)
-    deployment.instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
+    claims.record_sent(deployment.instance, run.run_id, run.run_id)
     queues = deployment.queues
     queues.send(queues.names.main, run_task_message(run.run_id).body, run.run_id, run.run_id)
     deployment.wait_status(run.run_id, {DagsterRunStatus.FAILURE}, timeout=30)
@@ -105,7 +105,7 @@ def test_a_run_resumed_elsewhere_is_fenced_off_its_old_holder(deployment: Deploy
     run_id = deployment.launch(sleepy_job, seconds=300)
     pid = deployment.op_pid(run_id)
     deployment.wait_status(run_id, {DagsterRunStatus.STARTED})
-    deployment.instance.add_run_tags(run_id, {TASK_ID_TAG: resume_task_id(run_id, 1)})
+    claims.record_sent(deployment.instance, run_id, resume_task_id(run_id, 1))
     wait_for(lambda: not pid_alive(pid), 30, "the old holder's op killed")
     wait_for(
         lambda: any("a resume" in m for m in deployment.engine_messages(run_id)),
@@ -123,7 +123,7 @@ def test_terminate_during_a_resume_start_up_ends_canceled(deployment: Deployment
     for kind in (DagsterEventType.RUN_STARTING, DagsterEventType.RUN_START):
         event = DagsterEvent(kind.value, job_name=run.job_name)
         deployment.instance.report_dagster_event(event, run_id)
-    deployment.instance.add_run_tags(run_id, {TASK_ID_TAG: resume_task_id(run_id, 1)})
+    claims.record_sent(deployment.instance, run_id, resume_task_id(run_id, 1))
     deployment.start_worker()
     queues = deployment.queues
     queues.send(queues.names.main, resume_task_message(run_id, 1).body, run_id, "resume")

@@ -388,6 +388,8 @@ class CancellableSqsBroker(AsyncBroker):
             return f"{name} takes only the keyword arguments {sorted(expected)}"
         if not all(isinstance(value, str) for value in kwargs.values()):
             return f"{name} takes only strings"
+        if not all(_utf8(value) for value in (task_message.task_id, *kwargs.values())):
+            return "ids must be valid UTF-8 (a lone surrogate)"  # no storage could hold them
         labels = task_message.labels
         if not labels.keys() <= TASK_LABELS or task_message.labels_types:
             return f"unexpected labels {sorted(labels)}"
@@ -420,3 +422,11 @@ class _Ack:
             await self.broker.delete(self.name, self.receipt_handle)
             if self.pointer is not None:
                 await self.broker.delete_payload(self.pointer)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

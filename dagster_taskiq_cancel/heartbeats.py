@@ -86,19 +86,18 @@ def worker_health(
 
 
 def why_lost(instance: DagsterInstance, claim: claims.Claim, timeout_seconds: float) -> str | None:
-    """Why the claimed task is lost ("... was last seen ..."); None while its worker holds it.
-
-    A beat taken before the claim cannot list the task yet; one taken after it must.
-    """
+    """Why the claimed task is lost ("{task}: its worker {id} was last seen ..."); None while
+    its worker holds it. A beat taken before the claim cannot list the task yet; one taken after
+    it must."""
     last = last_beat(instance, claim.worker_id)
     stale = _stale(last, timeout_seconds)
     if stale is not None:
-        return f"{claim.task_id} is held by worker {claim.worker_id}, {stale}"
+        return f"{claim.task_id}: its worker {claim.worker_id} was {stale}"
     assert last is not None
     if claim.task_id not in last.tasks and last.at >= claim.at:
         return (
-            f"{claim.task_id} is no longer held by worker {claim.worker_id}: the worker lives "
-            "but its task ended without settling its run (see the worker's log)"
+            f"{claim.task_id}: its worker {claim.worker_id} lives but no longer holds it (the "
+            "task ended without settling its run; see the worker's log)"
         )
     return None
 

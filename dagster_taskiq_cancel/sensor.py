@@ -351,7 +351,7 @@ def time_out_silent_cancels(
             if lost is None:
                 summary.holder_alive += 1
                 continue
-            who = f"its task {lost}"
+            who = f"the run's task {lost}"
         _record(
             instance,
             run,

@@ -199,6 +199,15 @@ TASK_DICTS = st.fixed_dictionaries(
 STEP_TASK = json.loads(step_task_message("r", "s", 0).body)
 
 
+def test_a_task_whose_ids_hold_a_lone_surrogate_is_set_aside() -> None:
+    """Not an ERROR traceback and a start failure at the first storage call: no run has it."""
+    task = json.loads(run_task_message("r").body)
+    surrogate = "r\ud800"
+    task.update(task_id=surrogate, kwargs={"run_id": surrogate})
+    task["labels"]["run_id"] = surrogate
+    assert BROKER.reject_reason(json.dumps(task)) == "ids must be valid UTF-8 (a lone surrogate)"
+
+
 @PROPERTY
 @given(body=st.one_of(_bodies(STEP_TASK), _near_misses(STEP_TASK), TASK_DICTS))
 def test_main_queue_body_is_one_of_our_tasks_or_gets_a_reason(body: str | bytes) -> None:

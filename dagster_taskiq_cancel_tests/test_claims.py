@@ -4,6 +4,8 @@ subject): one winner of concurrent claims, claims no tag can fake or lose, healt
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,8 +32,10 @@ from dagster_taskiq_cancel.tasks import (
     step_task_id,
 )
 from dagster_taskiq_cancel.worker.admission import Admitted, Gate, NotClaimed
+from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment
 
 CLAIMERS = 16
 TIMEOUT = 30.0  # heartbeat_timeout_seconds of these tests
@@ -135,7 +139,7 @@ def test_a_live_worker_that_no_longer_lists_a_task_has_lost_it(
     assert step_health(instance, run.run_id, "sleeper")[0]
     heartbeats.beat(instance, "w", heartbeats.Beat(time.time(), frozenset()))
     healthy, why = step_health(instance, run.run_id, "sleeper")
-    assert not healthy and "no longer held by worker w" in why, why
+    assert not healthy and "its worker w lives but no longer holds it" in why, why
     # The run task the same way, through the launcher's health check.
     claims.record_sent(instance, run.run_id, run.run_id)
     assert claims.claim(instance, run.run_id, "w")
@@ -143,7 +147,7 @@ def test_a_live_worker_that_no_longer_lists_a_task_has_lost_it(
     assert heartbeats.worker_health(instance, run, TIMEOUT).status == WorkerStatus.RUNNING
     heartbeats.beat(instance, "w", heartbeats.Beat(time.time(), frozenset()))
     result = heartbeats.worker_health(instance, run, TIMEOUT)
-    assert result.status == WorkerStatus.FAILED and "no longer held" in (result.msg or "")
+    assert result.status == WorkerStatus.FAILED and "no longer holds it" in (result.msg or "")
 
 
 BOOKKEEPING = {
@@ -252,3 +256,43 @@ def test_a_claim_whose_answer_was_lost_is_still_its_workers(
     monkeypatch.setattr(claims, "claim", real)
     assert gate(instance, "w", tmp_path).claim(run.run_id)
     assert not gate(instance, "other", tmp_path).claim(run.run_id)
+
+
+@MOTO_ONLY
+def test_a_worker_hands_back_a_task_it_could_not_claim(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task's message was deleted on receipt: a storage error before the claim sends the
+    task again (a copy any worker, this one included, may take) and leaves the run alone."""
+    run_id = deployment.launch(sleepy_job)  # no worker yet: the task waits in the queue
+    queues = deployment.queues
+    url = queues.url(queues.names.main)
+    received = queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=5)["Messages"]
+    queues.client.delete_message(QueueUrl=url, ReceiptHandle=received[0]["ReceiptHandle"])
+    instance = deployment.instance
+    real = instance.get_run_by_id
+    failures = iter([True])
+
+    def flaky(run_id: str) -> DagsterRun | None:
+        if next(failures, False):
+            raise OSError("storage blip")
+        return real(run_id)
+
+    monkeypatch.setattr(instance, "get_run_by_id", flaky)
+    worker = Worker(deployment.settings, instance)
+
+    async def admit_once() -> None:
+        await worker.broker.startup()
+        try:
+            await worker.execute(run_id, run_id, None, 0)
+        finally:
+            await worker.broker.shutdown()
+
+    try:
+        asyncio.run(admit_once())
+    finally:
+        worker.close()
+    assert deployment.status(run_id) == DagsterRunStatus.STARTING
+    again = queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=5).get("Messages", [])
+    assert [json.loads(m["Body"])["task_id"] for m in again] == [run_id]
+    assert claims.claim_of(instance, run_id) is None

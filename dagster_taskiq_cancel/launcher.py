@@ -30,6 +30,7 @@ from dagster_taskiq_cancel.settings import (
 )
 from dagster_taskiq_cancel.tasks import (
     QUEUE_TAG,
+    SHOWN_TAGS,
     TASK_ID_TAG,
     TaskMessage,
     resume_task_message,
@@ -74,8 +75,9 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     def launch_run(self, context: LaunchRunContext) -> None:
         """Send the run's task. Bookkeeping tags the run carries from its parent (a re-execution,
         a run retry) or from its user decide nothing: its task and claim live in ``claims``."""
-        message = run_task_message(context.dagster_run.run_id, codec_for(self.settings))
-        self._send(context.dagster_run, message, "run")
+        run = context.dagster_run
+        message = run_task_message(run.run_id, codec_for(self.settings))
+        self._send(run, message, "run", {tag: "" for tag in SHOWN_TAGS if run.tags.get(tag)})
 
     @property
     def supports_resume_run(self) -> bool:

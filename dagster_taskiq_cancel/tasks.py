@@ -39,9 +39,11 @@ TASK_ID_TAG = f"{TAG_PREFIX}task_id"
 QUEUE_TAG = f"{TAG_PREFIX}queue"
 WORKER_ID_TAG = f"{TAG_PREFIX}worker_id"
 CLAIM_TAG = f"{TAG_PREFIX}claim"
-RESUME_SENT_TAG = f"{TAG_PREFIX}resume_sent_at"  # when the latest resume task was sent
 # A worker that stopped its run process for another to resume the run (fencing, scale-in).
 RELEASED_TAG = f"{TAG_PREFIX}released_by"
+# Tags for people only (the UI): what decides is in ``claims``. The launcher clears those a run
+# carries from its parent (a re-execution, a retry) or its user, so that none misleads.
+SHOWN_TAGS = (WORKER_ID_TAG, RELEASED_TAG)
 
 _FORMATTER = JSONFormatter()
 
@@ -71,7 +73,7 @@ def resume_task_id(run_id: str, attempt: int) -> str:
 
 
 def claim_tag(run_id: str, task_id: str) -> str:
-    """The tag a worker writes when it claims the task: one for the run task, one per resume."""
+    """The tag a worker writes, for people and cancel hints, when it claims a step task."""
     return CLAIM_TAG if task_id == run_id else f"{CLAIM_TAG}/{task_id}"
 
 

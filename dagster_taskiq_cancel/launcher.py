@@ -6,7 +6,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any, Self
 
-from dagster import DagsterRun
+from dagster import DagsterInstance, DagsterRun
 from dagster import _check as check
 from dagster._core.events import EngineEventData
 from dagster._core.launcher import (
@@ -67,6 +67,11 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     ) -> Self:
         settings = settings_from_env(config_value, where=LAUNCHER_CONFIG)
         return cls(settings=settings, inst_data=inst_data)
+
+    def register_instance(self, instance: DagsterInstance) -> None:
+        """Fail at once, saying what to change, on a run storage that cannot hold claims."""
+        super().register_instance(instance)
+        claims.sql_storage(instance)
 
     @functools.cached_property
     def queues(self) -> SyncQueues:

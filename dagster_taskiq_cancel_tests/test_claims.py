@@ -84,6 +84,11 @@ def gate(instance: DagsterInstance, worker_id: str, tmp_path: Path) -> Gate:
     return Gate(instance, worker_id, tmp_path)
 
 
+def test_a_run_storage_without_a_key_value_table_is_refused_with_what_to_change() -> None:
+    with pytest.raises(claims.UnsupportedRunStorage, match="SQL run storage"):
+        claims.sql_storage(SimpleNamespace(run_storage=object()))  # type: ignore[arg-type]
+
+
 def test_of_sixteen_concurrent_claims_of_one_task_exactly_one_wins(
     instance: DagsterInstance,
 ) -> None:

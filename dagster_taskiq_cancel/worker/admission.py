@@ -1,7 +1,7 @@
 """Whether a task may run on this worker, and with what: the checks between dequeue and spawn.
 
 A task names ids only, and its sender may be anyone who can write to the queue. A run task runs
-only if the launcher sent it (the run's ``task_id`` tag names it) and the run can start; a step
+only if the launcher sent it last (``claims.sent``, never a tag) and the run can start; a step
 task only if its run's executor recorded launching this very task. Every argument of the child
 comes from the run storage and the worker's own instance (``step_args``). Of concurrent copies
 of one task, the claim (``claims``) lets exactly one worker run it.

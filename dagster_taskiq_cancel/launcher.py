@@ -79,7 +79,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     def launch_run(self, context: LaunchRunContext) -> None:
         """Send the run's task. Bookkeeping tags the run carries from its parent (a re-execution,
-        a run retry) or from its user decide nothing: its task and claim live in ``claims``."""
+        a run retry) or from its user decide nothing (its task and claim live in ``claims``);
+        the shown ones are cleared, so that the UI does not name the parent's worker."""
         run = context.dagster_run
         message = run_task_message(run.run_id, codec_for(self.settings))
         self._send(run, message, "run", {tag: "" for tag in SHOWN_TAGS if run.tags.get(tag)})

@@ -9,7 +9,9 @@ Each test asserts what a user would see: the run's status and events, the ack, t
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -21,6 +23,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 import sqlalchemy.exc
+from click.testing import CliRunner
 from dagster import (
     DagsterEvent,
     DagsterEventType,
@@ -31,7 +34,7 @@ from dagster import (
 )
 from dagster._core.test_utils import instance_for_test
 
-from dagster_taskiq_cancel import heartbeats
+from dagster_taskiq_cancel import cli, heartbeats
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.messages import CancelAck
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
@@ -295,3 +298,55 @@ def test_a_failing_heartbeat_fences_at_two_thirds_of_the_timeout_not_sooner(
             beating.cancel()
 
     run(scenario)
+
+
+# --- start-up ----------------------------------------------------------------------------------
+
+
+class UniqueViolation(Exception):
+    """What psycopg2 raises for a duplicate key (only its pgcode matters here)."""
+
+    pgcode = "23505"
+
+
+@pytest.fixture
+def root_logger() -> Iterator[logging.Logger]:
+    """The root logger, restored afterwards: the worker command configures it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield root
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_a_worker_that_loses_the_schema_race_starts_and_keeps_its_logging(
+    instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch, root_logger: logging.Logger
+) -> None:
+    """Components started together against an empty Postgres database race to create Dagster's
+    schema: the loser's first load fails on ``instance_info`` after Dagster's own retry logged
+    through the root logger. The worker loads again and logs at INFO in its own format."""
+    loads = [0]
+
+    def racing_load() -> DagsterInstance:
+        loads[0] += 1
+        if loads[0] == 1:
+            logging.warning("Retrying failed database creation")  # as dagster-postgres does
+            orig = UniqueViolation("duplicate key value violates unique constraint")
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO instance_info", {}, orig)
+        return instance
+
+    async def serving(settings: TaskiqCancelSettings, served: DagsterInstance) -> None:
+        assert served is instance
+        logging.getLogger("dagster_taskiq_cancel.worker.process").info("Worker listening on q")
+
+    monkeypatch.setattr(DagsterInstance, "get", staticmethod(racing_load))
+    monkeypatch.setattr("dagster_taskiq_cancel.worker.process.serve", serving)
+    result = CliRunner().invoke(cli.main, ["worker", "--queue-name", "q"])
+    assert result.exit_code == 0, result.output
+    assert loads[0] == 2
+    assert re.search(
+        r"INFO dagster_taskiq_cancel\.worker\.process: Worker listening", result.output
+    )
+    assert "WARNING root: Retrying failed database creation" in result.output

@@ -9,6 +9,12 @@ Five loops share one event loop:
 - ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills;
 - ``hint_loop`` reads this worker's own hint queue (``hints``) the same way, while it holds work.
 
+A task's life is one ``held.Phase``, moved on only here: RUNNING (its child runs), EXITED (its
+run's record not yet written: a failed ``settle`` is retried in the background until the run
+storage answers, with the slot already free), RELEASED (a run task fenced off for lost storage,
+watched by the poll for a cancel that lands after the release), SETTLED (cleanup and the ack of
+a cancel, sent only now), DONE.
+
 A task's way through the worker, one module per step: ``admission`` (may it run, with what
 arguments: ids only in the task, everything else from the run storage), ``children`` and
 ``guard`` (its processes), ``authority`` (what the run storage says), ``stopping`` (notice,
@@ -229,7 +235,7 @@ class Worker:
             return
         await self._after_settle(held, cleanup)
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -389,8 +395,6 @@ class Worker:
             return
         run_ids = {h.run_id for h in [*waiting, *released]}
         runs = await self._storage_call(held_runs, self.instance, run_ids)
-        for held in released:
-            await self._check_released(held, runs.get(held.run_id))
         for held in waiting:
             run = runs.get(held.run_id)
             status = run.status if run else None
@@ -414,6 +418,8 @@ class Worker:
                 await self._cancel(held)
             elif has_ended(status):
                 await self._leave_to_finish(held, status)
+        for held in released:
+            await self._check_released(held, runs.get(held.run_id))
 
     async def _check_released(self, held: HeldTask, run: DagsterRun | None) -> None:
         """A fenced run task, released: end its run CANCELED if a cancel landed since.
@@ -601,6 +607,8 @@ class Worker:
         settling = [asyncio.ensure_future(h.settled.wait()) for h in tasks]
         if settling:
             await asyncio.wait(settling, timeout=self._storage_timeout + self._settle_backoff_max)
+        for waiting in settling:
+            waiting.cancel()
         for held in tasks:
             if not held.settled.is_set():
                 logger.error(

@@ -145,6 +145,22 @@ def read(instance: DagsterInstance, run_id: str) -> DagsterRun:
     return run
 
 
+async def polled_until(
+    worker: Worker, condition: Callable[[], Any], timeout: float, what: str
+) -> None:
+    """Run the worker's poll, as its poll loop does, until ``condition``."""
+
+    async def polled() -> Any:
+        await worker.check_held()
+        return condition()
+
+    deadline = time.monotonic() + timeout
+    while not await polled():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
 def status(instance: DagsterInstance, run_id: str) -> DagsterRunStatus:
     return read(instance, run_id).status
 
@@ -182,8 +198,8 @@ def test_a_fenced_run_whose_settle_fails_is_released_once_the_storage_answers(
         assert any("could not write its heartbeat" in m for m in messages(instance, run_id))
         assert status(instance, run_id) == DagsterRunStatus.STARTED  # left to run monitoring
         instance.report_run_canceling(read(instance, run_id))
-        await worker.check_held()
-        assert status(instance, run_id) == DagsterRunStatus.CANCELED
+        canceled = lambda: status(instance, run_id) == DagsterRunStatus.CANCELED  # noqa: E731
+        await polled_until(worker, canceled, 5, "CANCELED by the poll")
         await until(lambda: acks(worker), 5, "the ack")
         ((ack, seen),) = acks(worker)
         assert (ack.outcome, seen) == ("killed", DagsterRunStatus.CANCELED)

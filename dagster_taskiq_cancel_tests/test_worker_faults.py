@@ -282,8 +282,8 @@ def test_the_heartbeat_is_not_starved_by_a_hung_storage_call(worker: Worker) -> 
         try:
             await asyncio.sleep(HEARTBEAT_TIMEOUT)
             age = heartbeats.seconds_since_beat(worker.instance, worker.worker_id)
-            assert age is not None and age < HEARTBEAT_TIMEOUT / 3, age
-            assert time.monotonic() - worker.last_beat < HEARTBEAT_TIMEOUT / 3
+            assert age is not None and age < HEARTBEAT_TIMEOUT / 2, age
+            assert time.monotonic() - worker.last_beat < HEARTBEAT_TIMEOUT / 2
         finally:
             release.set()
             beating.cancel()
@@ -308,7 +308,8 @@ def test_a_failing_heartbeat_fences_at_two_thirds_of_the_timeout_not_sooner(
             fail_next(monkeypatch, heartbeats, "beat", 1_000_000)
             await until(lambda: held.fenced_because, HEARTBEAT_TIMEOUT, "the fence")
             silent = time.monotonic() - worker.last_beat
-            assert HEARTBEAT_TIMEOUT * 2 / 3 <= silent < HEARTBEAT_TIMEOUT * 5 / 6, silent
+            # Never sooner than two thirds; always before run monitoring takes the worker for dead.
+            assert HEARTBEAT_TIMEOUT * 2 / 3 <= silent < HEARTBEAT_TIMEOUT, silent
             await asyncio.wait_for(child, 10)
         finally:
             beating.cancel()

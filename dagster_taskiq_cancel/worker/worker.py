@@ -343,7 +343,7 @@ class Worker:
         """
         timeout = self.settings.heartbeat_timeout_seconds
         fence_after, interval = timeout * 2 / 3, timeout / 6
-        beat: InFlight[None] = InFlight(self._beats, self._write_beat)
+        beat: InFlight[None] = InFlight(self._beats, self._beat)
         failing = False
         while True:
             left = self.last_beat + fence_after - time.monotonic()
@@ -369,7 +369,7 @@ class Worker:
             f"it could not write its heartbeat for {silent:.0f}s (the run storage did not answer)"
         )
 
-    def _write_beat(self) -> None:
+    def _beat(self) -> None:
         """On the heartbeat thread: the beat, through an instance (connections) of its own."""
         if self._beat_instance is None:
             self._beat_instance = own_instance(self.instance)

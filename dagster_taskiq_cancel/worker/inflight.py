@@ -20,7 +20,9 @@ T = TypeVar("T")
 
 
 class InFlight(Generic[T]):
-    """``fn(*args)`` on ``executor``, awaited at most ``timeout`` seconds per ``attempt``."""
+    """``fn(*args, *more)`` on ``executor``, awaited at most ``timeout`` seconds per
+    ``attempt``; ``more`` are an attempt's own arguments, read only when it makes a new call
+    (a heartbeat's time and tasks)."""
 
     def __init__(self, executor: Executor, fn: Callable[..., T], *args: Any) -> None:
         self.executor = executor
@@ -29,12 +31,12 @@ class InFlight(Generic[T]):
         self.started_at: float | None = None  # time.monotonic() of the latest call made
         self._future: Future[T] | None = None
 
-    async def attempt(self, timeout: float) -> T:
+    async def attempt(self, timeout: float, *more: Any) -> T:
         """The call's result; raises its error, or ``TimeoutError`` while it still runs (the
         next attempt waits for that same call)."""
         if self._future is None:
             self.started_at = time.monotonic()
-            self._future = self.executor.submit(self.fn, *self.args)
+            self._future = self.executor.submit(self.fn, *self.args, *more)
         future = self._future
         waited = asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
         try:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import sys
+import time
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +41,12 @@ from dagster_taskiq_cancel.settings import (
     settings_from_env,
 )
 
+logger = logging.getLogger(__name__)
+
 CLICK_TYPES: dict[Any, click.ParamType] = {float: click.FLOAT, int: click.INT}
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SCHEMA_RACE_TRIES = 5
+_DUPLICATE_PGCODES = frozenset({"23505", "42P07", "42710"})  # unique, table, object
 NO_HOME = (
     "DAGSTER_HOME is not set: set it to the folder with the dagster.yaml your webserver and "
     "daemon use (the workers must share their run storage), e.g. DAGSTER_HOME=/srv/dagster"
@@ -80,6 +86,36 @@ def load_instance(no_home: str = NO_HOME) -> DagsterInstance:
         raise unusable_home(exc) from None
 
 
+def load_worker_instance(tries: int = SCHEMA_RACE_TRIES) -> DagsterInstance:
+    """``load_instance``, tried again when it lost the race to create Dagster's schema.
+
+    Components started together against an empty Postgres database all create the schema;
+    the losers fail on a duplicate table, type or row (``instance_info``), and their next try
+    finds the schema made.
+    """
+    for attempt in range(1, tries + 1):
+        try:
+            return load_instance()
+        except Exception as exc:
+            if attempt == tries or not lost_schema_race(exc):
+                raise
+            logger.warning("Another process was creating Dagster's schema (%s); trying again", exc)
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+def lost_schema_race(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it was raised from) is a duplicate made by a concurrent
+    CREATE: Postgres's unique violation, duplicate table or duplicate object."""
+    while exc is not None:
+        if getattr(getattr(exc, "orig", None), "pgcode", None) in _DUPLICATE_PGCODES:
+            return True
+        if type(exc).__name__ == "DagsterPostgresException":  # Dagster's own retries ran out
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def unusable_home(exc: Exception) -> click.ClickException:
     """DAGSTER_HOME is set but its dagster.yaml cannot be read: Dagster's first lines, on one."""
     if isinstance(exc, DagsterInvalidConfigError):
@@ -108,7 +144,10 @@ def main() -> None:
 @settings_options
 def worker(workers: int, **overrides: Any) -> None:
     """Run worker processes: execute runs and steps, stop them when their run is cancelled."""
-    instance = load_instance()
+    # Before the instance: Dagster's Postgres storage logs through the root logger while it
+    # creates its schema, which would otherwise leave it at WARNING, without our format.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    instance = load_worker_instance()
     settings = worker_settings(instance, overrides)  # checked here, before any child starts
     if workers > 1:
         instance.dispose()
@@ -117,9 +156,6 @@ def worker(workers: int, **overrides: Any) -> None:
             if value is not None:
                 args += [f"--{name.replace('_', '-')}", str(value)]
         sys.exit(_run_processes(args, workers, settings))
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     from dagster_taskiq_cancel.worker.health import EndpointError
     from dagster_taskiq_cancel.worker.process import serve
 

@@ -96,3 +96,14 @@ def reassert_if_overwritten(instance: DagsterInstance, worker_id: str, run_id: s
     if run.status != DagsterRunStatus.CANCELING:
         reassert_cancel(instance, worker_id, run)
     return True
+
+
+def cancel_released(instance: DagsterInstance, worker_id: str, held: HeldTask) -> bool:
+    """A fenced run task's run, cancelled after it was released: CANCELED now (True), as its
+    process is gone and nothing else would end it; False if it is no longer CANCELING."""
+    what = (
+        f"the run process of task {held.task_id} was killed earlier, as the worker "
+        f"{held.fenced_because}, and the run released"
+    )
+    metadata = {"task_id": held.task_id, "exit_code": held.returncode}
+    return record_canceled(instance, held.run_id, worker_id, what, metadata)

@@ -9,6 +9,12 @@ Five loops share one event loop:
 - ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills;
 - ``hint_loop`` reads this worker's own hint queue (``hints``) the same way, while it holds work.
 
+A task's life is one ``held.Phase``, moved on only here: RUNNING (its child runs), EXITED (its
+run's record not yet written: a failed ``settle`` is retried in the background until the run
+storage answers, with the slot already free), RELEASED (a run task fenced off for lost storage,
+watched by the poll for a cancel that lands after the release), SETTLED (cleanup and the ack of
+a cancel, sent only now), DONE.
+
 A task's way through the worker, one module per step: ``admission`` (may it run, with what
 arguments: ids only in the task, everything else from the run storage), ``children`` and
 ``guard`` (its processes), ``authority`` (what the run storage says), ``stopping`` (notice,
@@ -29,12 +35,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
@@ -50,8 +56,9 @@ from dagster_taskiq_cancel.worker.acks import Acks
 from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
 from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_cancelled, run_started
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
-from dagster_taskiq_cancel.worker.held import HeldTask
-from dagster_taskiq_cancel.worker.settle import reassert_if_overwritten, settle
+from dagster_taskiq_cancel.worker.held import HeldTask, Phase
+from dagster_taskiq_cancel.worker.inflight import InFlight
+from dagster_taskiq_cancel.worker.settle import cancel_released, reassert_if_overwritten, settle
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +83,10 @@ class Worker:
         # id of the one that died, or the dead one's runs would look alive forever.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.last_beat = time.monotonic()  # of the last heartbeat written (start: none due yet)
-        self.held: dict[str, HeldTask] = {}
+        self.held: dict[str, HeldTask] = {}  # RUNNING: their children run
+        self.finishing: dict[str, HeldTask] = {}  # EXITED, RELEASED or SETTLED: not DONE yet
         self._admitting: set[str] = set()  # tasks between dequeue and ``held`` (or drop)
+        self._background: set[asyncio.Task[Any]] = set()  # settles retried, acks sent
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._pending_requests: dict[str, CancelRequest] = {}
         self._wake = asyncio.Event()
@@ -87,9 +96,13 @@ class Worker:
         self.rejected = 0
         # One thread for run-storage calls: they block, and sqlite prefers one writer.
         self._storage = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-storage")
+        # The heartbeat's own thread and instance (so its own connections): a queue of calls
+        # on the storage thread, or one slow call, must not starve the beat.
+        self._beats = ThreadPoolExecutor(max_workers=1, thread_name_prefix="heartbeat")
+        self._beat_instance: DagsterInstance | None = None  # made on the heartbeat thread
         self._cancel_dir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-cancel-"))
         self._gate = Gate(instance, self.worker_id, self._cancel_dir)
-        self._acks = Acks(self.broker, self.codec, self.worker_id)
+        self._acks = Acks(self.broker, self.codec, self.worker_id, settings.cancel_timeout_seconds)
         self._register_tasks()
 
     # --- tasks -------------------------------------------------------------------------------
@@ -110,6 +123,16 @@ class Worker:
         self.broker.register_task(execute_step, task_name=EXECUTE_STEP)
         self.broker.register_task(resume_run, task_name=RESUME_RUN)
 
+    @property
+    def _storage_timeout(self) -> float:
+        """How long one storage call is waited for: half the heartbeat timeout."""
+        return self.settings.heartbeat_timeout_seconds / 2
+
+    @property
+    def _settle_backoff_max(self) -> float:
+        """The longest wait between two tries of a failed settle: one heartbeat interval."""
+        return self.settings.heartbeat_timeout_seconds / 6
+
     async def _storage_call(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` on the storage thread, given up on after the storage timeout.
 
@@ -117,8 +140,7 @@ class Worker:
         interrupted, so later calls queue behind it, and the heartbeat loop fences the work.
         """
         future = asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
-        timeout = self.settings.heartbeat_timeout_seconds / 2
-        return await metrics.storage_call(fn, asyncio.wait_for(future, timeout))
+        return await metrics.storage_call(fn, asyncio.wait_for(future, self._storage_timeout))
 
     async def execute(
         self,
@@ -210,7 +232,7 @@ class Worker:
             self._recent.popitem(last=False)
 
     async def _run_child(self, held: HeldTask) -> None:
-        task_id, run_id, step_key, process = held.task_id, held.run_id, held.step_key, held.process
+        task_id, run_id, process = held.task_id, held.run_id, held.process
         self.held[task_id] = held
         metrics.task_started(held)
         self._holding.set()
@@ -224,29 +246,101 @@ class Worker:
                 logger.exception("Could not record the start of task %s", task_id)
             returncode = await process.wait()
         finally:
-            held.exited.set()
+            held.returncode = process.returncode
+            held.advance(Phase.EXITED)
             self.held.pop(task_id, None)
+            self.finishing[task_id] = held
             metrics.task_exited(held)
             children.kill_group(process.pid)
             held.cancel_file.unlink(missing_ok=True)
-            if all(h.run_id != run_id for h in self.held.values()):
+            if not self._answers_for(run_id):
                 self._pending_requests.pop(run_id, None)
         logger.info("Task %s ended with exit code %s", task_id, returncode)
+        settling = InFlight(self._storage, settle, self.instance, self.worker_id, held, returncode)
         try:
-            cleanup = await self._storage_call(
-                settle, self.instance, self.worker_id, held, returncode
+            cleanup = await settling.attempt(self._storage_timeout)
+        except Exception as exc:
+            # The slot is freed; the run's record (and, for a cancel, the ack) waits for storage.
+            logger.error(
+                "Could not settle the run of task %s (%r); retrying until the run storage answers",
+                task_id,
+                exc,
             )
-        except Exception:
-            # The run storage decides the run's status anyway; the ack must still go out.
-            logger.exception("Could not settle the run of task %s", task_id)
-            cleanup = False
+            self._in_background(self._settle_until_done(held, settling))
+            return
+        await self._after_settle(held, cleanup)
+
+    def _in_background(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _done(self, held: HeldTask) -> None:
+        held.advance(Phase.DONE)
+        self.finishing.pop(held.task_id, None)
+
+    def _answers_for(self, run_id: str) -> bool:
+        """Whether a task of ``run_id`` still runs here, or still waits for its record."""
+        tasks = [*self.held.values(), *self.finishing.values()]
+        return any(h.run_id == run_id and h.phase <= Phase.RELEASED for h in tasks)
+
+    async def _settle_until_done(self, held: HeldTask, settling: InFlight[bool]) -> None:
+        """Try ``settle`` again until it succeeds: a call still running is waited for, a failed
+        one is made again after a backoff of at most ``_settle_backoff_max`` seconds.
+
+        So the run of a task killed while the storage was away (fenced) is recorded and released
+        at most ``_settle_backoff_max`` seconds (plus the calls queued before it) after the
+        storage answers again, and a cancelled one ends CANCELED and is acknowledged.
+        """
+        backoff = min(1.0, self._settle_backoff_max)
+        while True:
+            try:
+                cleanup = await settling.attempt(self._storage_timeout)
+            except TimeoutError:
+                logger.warning(
+                    "Settling task %s: the run storage still does not answer", held.task_id
+                )
+                continue  # the same call is still running: wait for it again
+            except Exception as exc:
+                logger.warning(
+                    "Settling task %s failed again (%r); next try in %gs",
+                    held.task_id,
+                    exc,
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._settle_backoff_max)
+                continue
+            logger.info(
+                "Settled the run of task %s after the run storage answered again", held.task_id
+            )
+            await self._after_settle(held, cleanup)
+            return
+
+    async def _after_settle(self, held: HeldTask, cleanup: bool) -> None:
+        """The run's record is written: run the cleanup handler and send the ack of a cancel.
+
+        A fenced run task is RELEASED, not done: a cancel recorded after its release is ended
+        by the poll (``_check_released``), as nobody else would end it.
+        """
+        metrics.task_ended(held, held.returncode, self.instance, self._storage)
+        if held.fenced_because is not None and held.step_key is None:
+            held.advance(Phase.RELEASED)
+            self._wake.set()
+            return
+        held.advance(Phase.SETTLED)
+        try:
+            if held.cancel and held.fenced_because is None:
+                await self._acknowledge(held, cleanup)
+            # else: finished on its own, or stopped by a drain: no ack, and never a cleanup
         finally:
-            held.settled.set()
-        metrics.task_ended(held, returncode, self.instance, self._storage)
-        if not held.cancel or held.fenced_because is not None:
-            return  # finished on its own, or stopped by a drain: no ack, and never a cleanup
+            self._done(held)
+
+    async def _acknowledge(self, held: HeldTask, cleanup: bool) -> None:
+        """Run the cancel's cleanup handler (when due), then tell the sensor how it stopped."""
+        run_id, step_key, task_id = held.run_id, held.step_key, held.task_id
         outcome: Outcome = "killed" if held.killed else "cancelled"
-        detail = f"exit code {returncode}"
+        detail = f"exit code {held.returncode}"
         if held.before_start:
             detail = "stopped before Dagster started the run; none of it ran"
         if cleanup:
@@ -271,27 +365,51 @@ class Worker:
             self._wake.clear()
 
     async def heartbeat_loop(self) -> None:
-        """Beat every sixth of the heartbeat timeout, apart from the poll: a failing write must
-        not stop the cancel checks, nor a slow check the beats.
+        """Beat every sixth of the heartbeat timeout, on a thread and an instance of its own: a
+        failing write must not stop the cancel checks, nor a slow check or a queue of storage
+        calls the beats.
 
         Fencing: a worker that has not beaten for two thirds of the timeout may soon be taken
         for dead, and its runs resumed elsewhere; it kills its work first, so that nothing runs
-        twice, and says so in each run once the storage answers (``settle``).
+        twice, and says so in each run once the storage answers (``settle``, retried). The kill
+        comes two thirds of the timeout after the start of the last beat that succeeded, never
+        sooner: a beat still waiting on the storage is waited for until then, and a beat that
+        got through late counts from when it was made.
         """
         timeout = self.settings.heartbeat_timeout_seconds
+        fence_after, interval = timeout * 2 / 3, timeout / 6
+        beat: InFlight[None] = InFlight(self._beats, self._beat)
+        failing = False
         while True:
+            left = self.last_beat + fence_after - time.monotonic()
+            if failing and left <= 0:
+                self._fence_for_silence()
             try:
-                await self._storage_call(
-                    heartbeats.beat, self.instance, self.worker_id, self.holding()
-                )
-                self.last_beat = time.monotonic()
+                timeout = min(self._storage_timeout, left) if left > 0 else interval
+                await beat.attempt(timeout, self.holding())
+                self.last_beat = beat.started_at or self.last_beat
+                failing, next_beat = False, interval
             except Exception as exc:
                 silent = time.monotonic() - self.last_beat
                 logger.warning("Could not write the heartbeat (%.0fs without): %r", silent, exc)
-                if silent >= timeout * 2 / 3:
-                    self._fence(f"it could not write its heartbeat for {silent:.0f}s")
+                failing, next_beat = True, min(interval, max(fence_after - silent, 0))
+                if silent >= fence_after:
+                    self._fence_for_silence()
+                    next_beat = interval
             metrics.loop_tick(metrics.HEARTBEAT_LOOP)
-            await asyncio.sleep(timeout / 6)
+            await asyncio.sleep(next_beat)
+
+    def _fence_for_silence(self) -> None:
+        silent = time.monotonic() - self.last_beat
+        self._fence(
+            f"it could not write its heartbeat for {silent:.0f}s (the run storage did not answer)"
+        )
+
+    def _beat(self, holding: heartbeats.Beat) -> None:
+        """On the heartbeat thread: the beat, through an instance (connections) of its own."""
+        if self._beat_instance is None:
+            self._beat_instance = own_instance(self.instance)
+        heartbeats.beat(self._beat_instance, self.worker_id, holding)
 
     def _fence(self, why: str, only: HeldTask | None = None) -> None:
         """SIGKILL held work that another worker may be running now: no interrupt, as Dagster's
@@ -305,20 +423,23 @@ class Worker:
             asyncio.get_running_loop().create_task(stopping.kill(held))
 
     async def check_held(self) -> None:
-        """One batched query for every held run; then act on what the authority says."""
+        """One batched query for every held run (and every released one, ``_check_released``);
+        then act on what the authority says."""
         waiting = [h for h in self.held.values() if h.stop_started_at is None]
-        if not waiting:
+        released = [h for h in self.finishing.values() if h.phase == Phase.RELEASED]
+        if not waiting and not released:
             return
-        runs = await self._storage_call(held_runs, self.instance, {h.run_id for h in waiting})
-        run_tasks = {h.run_id for h in waiting if h.step_key is None}
+        run_ids = {h.run_id for h in [*waiting, *released]}
+        runs = await self._storage_call(held_runs, self.instance, run_ids)
+        run_tasks = {h.run_id for h in [*waiting, *released] if h.step_key is None}
         latest = (
             await self._storage_call(claims.sent, self.instance, run_tasks) if run_tasks else {}
         )
         for held in waiting:
             run = runs.get(held.run_id)
             status = run.status if run else None
-            sent = latest[held.run_id].task_id if held.run_id in latest else None
-            if held.step_key is None and sent is not None and sent != held.task_id:
+            sent = resent_as(held, latest.get(held.run_id))
+            if sent is not None:
                 self._fence(f"the run was sent again as task {sent} (a resume)", held)
                 continue
             first_seen_started = (
@@ -327,16 +448,42 @@ class Worker:
                 and not held.start_checked
             )
             if first_seen_started:
-                held.start_checked = True
                 overwritten = await self._storage_call(
                     reassert_if_overwritten, self.instance, self.worker_id, held.run_id
                 )
+                held.start_checked = True  # only once answered: an error asks again next poll
                 if overwritten:
                     status = DagsterRunStatus.CANCELING
             if is_cancelled(status):
                 await self._cancel(held)
             elif has_ended(status):
                 await self._leave_to_finish(held, status)
+        for held in released:
+            await self._check_released(held, runs.get(held.run_id), latest.get(held.run_id))
+
+    async def _check_released(
+        self, held: HeldTask, run: DagsterRun | None, sent: claims.Sent | None
+    ) -> None:
+        """A fenced run task, released: end its run CANCELED if a cancel landed since.
+
+        Its process is gone and run monitoring resumes only STARTED runs, so nobody else would
+        end the run; without this it would wait for the sensor's timeout. The task is done once
+        its run was cancelled, ended, or moved on (resumed elsewhere).
+        """
+        if run is not None and resent_as(held, sent) is None and is_cancelled(run.status):
+            recorded = await self._storage_call(
+                cancel_released, self.instance, self.worker_id, held
+            )
+            held.cancel = True
+            held.request = self._pending_requests.get(held.run_id)
+            held.advance(Phase.SETTLED)
+            if recorded:
+                detail = f"killed earlier, as the worker {held.fenced_because}"
+                ack = self._acks.send(held.run_id, None, held.task_id, "killed", detail, held)
+                self._in_background(ack)
+            self._done(held)
+        elif run is None or run.is_finished or resent_as(held, sent) is not None:
+            self._done(held)
 
     async def _cancel(self, held: HeldTask) -> None:
         """Stop a cancelled task; a run that Dagster has not started yet is killed outright.
@@ -457,7 +604,7 @@ class Worker:
                 self.rejected,
             )
             return
-        if any(h.run_id == request.run_id for h in self.held.values()):
+        if self._answers_for(request.run_id):
             logger.info("Cancel hint for held run %s from %s", request.run_id, queue)
             self._pending_requests[request.run_id] = request
             self._wake.set()
@@ -496,7 +643,19 @@ class Worker:
                     why,
                 )
             self.stop(held)
-        await asyncio.gather(*(h.settled.wait() for h in tasks))
+        await asyncio.gather(*(h.exited.wait() for h in tasks))
+        # One settle try, and one retry; a run the storage does not answer for is left to run
+        # monitoring, which finds this worker's heartbeat stale once it has exited.
+        settling = [asyncio.ensure_future(h.settled.wait()) for h in tasks]
+        if settling:
+            await asyncio.wait(settling, timeout=self._storage_timeout + self._settle_backoff_max)
+        for waiting in settling:
+            waiting.cancel()
+        for held in tasks:
+            if not held.settled.is_set():
+                logger.error(
+                    "Leaving task %s unsettled: the run storage does not answer", held.task_id
+                )
         handed_over = [h for h in tasks if h.handed_over]
         if handed_over and queue_closed is not None:
             await asyncio.wait([queue_closed])
@@ -508,4 +667,19 @@ class Worker:
 
     def close(self) -> None:
         self._storage.shutdown(wait=False)
+        self._beats.shutdown(wait=False)
+        if self._beat_instance not in (None, self.instance):
+            with contextlib.suppress(Exception):
+                self._beat_instance.dispose()  # type: ignore[union-attr]
         shutil.rmtree(self._cancel_dir, ignore_errors=True)
+
+
+def own_instance(instance: DagsterInstance) -> DagsterInstance:
+    """The same storage through an instance (so connections) of its own; an in-memory one as is."""
+    return instance if instance.is_ephemeral else DagsterInstance.from_ref(instance.get_ref())
+
+
+def resent_as(held: HeldTask, sent: claims.Sent | None) -> str | None:
+    """The task id a held run task's run was sent again as (a resume elsewhere), if any."""
+    task_id = sent.task_id if sent is not None else None
+    return task_id if held.step_key is None and task_id not in (None, held.task_id) else None

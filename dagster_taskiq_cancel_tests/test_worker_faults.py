@@ -34,11 +34,10 @@ from dagster import (
 )
 from dagster._core.test_utils import instance_for_test
 
-from dagster_taskiq_cancel import cli, heartbeats
+from dagster_taskiq_cancel import claims, cli, heartbeats
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.messages import CancelAck
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import RELEASED_TAG, TASK_ID_TAG, WORKER_ID_TAG
 from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.held import HeldTask
 from dagster_taskiq_cancel.worker.worker import Worker
@@ -106,6 +105,12 @@ def fail_next(monkeypatch: pytest.MonkeyPatch, target: Any, name: str, times: in
     return failed
 
 
+def _beat_age(instance: DagsterInstance, worker_id: str) -> float | None:
+    """Seconds since ``worker_id``'s last heartbeat; None if it never beat."""
+    last = heartbeats.last_beat(instance, worker_id)
+    return time.time() - last.at if last is not None else None
+
+
 def started_run(instance: DagsterInstance, tmp_path: Path, cancel_first: bool = False) -> str:
     """A STARTED run held by a run task; ``cancel_first``: a cancel RUN_START overwrote."""
     config = {"ops": {"sleeper": {"config": {"marker_dir": str(tmp_path)}}}}
@@ -114,13 +119,13 @@ def started_run(instance: DagsterInstance, tmp_path: Path, cancel_first: bool = 
     kinds += [DagsterEventType.RUN_CANCELING] if cancel_first else []
     for kind in [*kinds, DagsterEventType.RUN_START]:
         instance.report_dagster_event(DagsterEvent(kind.value, job_name=run.job_name), run.run_id)
-    instance.add_run_tags(run.run_id, {TASK_ID_TAG: run.run_id})
+    claims.record_sent(instance, run.run_id, run.run_id)
     return run.run_id
 
 
 async def hold(worker: Worker, run_id: str) -> tuple[HeldTask, asyncio.Task[None]]:
     """A run task of ``run_id`` held by ``worker``: a sleeping child, as after admission."""
-    worker.instance.add_run_tags(run_id, {WORKER_ID_TAG: worker.worker_id})
+    assert claims.claim(worker.instance, run_id, worker.worker_id)
     argv = [sys.executable, "-c", "import time; time.sleep(120)"]
     process = await children.spawn(argv, os.environ)
     cancel_file = Path(worker._cancel_dir) / run_id
@@ -193,7 +198,7 @@ def test_a_fenced_run_whose_settle_fails_is_released_once_the_storage_answers(
         worker._fence("it could not write its heartbeat for 20s (the run storage did not answer)")
         await asyncio.wait_for(child, 10)  # the slot is free while the settle is retried
         assert failed[0] >= 1
-        await until(lambda: read(instance, run_id).tags.get(RELEASED_TAG), 10, "released")
+        await until(lambda: claims.released_by(instance, run_id), 10, "released")
         assert failed[0] == 3
         assert any("could not write its heartbeat" in m for m in messages(instance, run_id))
         assert status(instance, run_id) == DagsterRunStatus.STARTED  # left to run monitoring
@@ -281,7 +286,7 @@ def test_the_heartbeat_is_not_starved_by_a_hung_storage_call(worker: Worker) -> 
         beating = asyncio.get_running_loop().create_task(worker.heartbeat_loop())
         try:
             await asyncio.sleep(HEARTBEAT_TIMEOUT)
-            age = heartbeats.seconds_since_beat(worker.instance, worker.worker_id)
+            age = _beat_age(worker.instance, worker.worker_id)
             assert age is not None and age < HEARTBEAT_TIMEOUT / 2, age
             assert time.monotonic() - worker.last_beat < HEARTBEAT_TIMEOUT / 2
         finally:
@@ -301,7 +306,7 @@ def test_a_failing_heartbeat_fences_at_two_thirds_of_the_timeout_not_sooner(
         beating = asyncio.get_running_loop().create_task(worker.heartbeat_loop())
         try:
             await until(
-                lambda: heartbeats.seconds_since_beat(instance, worker.worker_id) is not None,
+                lambda: heartbeats.last_beat(instance, worker.worker_id) is not None,
                 5,
                 "a beat",
             )

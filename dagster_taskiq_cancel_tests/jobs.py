@@ -65,9 +65,8 @@ def sleepy_job() -> None:
     sleeper()
 
 
-@dg.op
-def slow_first(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
-    """Sleeps on its first execution only: a resumed run then finishes at once."""
+def sleep_first_time(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    """Record the execution; sleep on the run's first one only (a resumed run finishes at once)."""
     _record_start(context, config.marker_dir)
     executions = Path(config.marker_dir) / f"{context.run_id}.executions"
     if len(executions.read_text().splitlines()) > 1:
@@ -75,6 +74,11 @@ def slow_first(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
     deadline = time.monotonic() + config.seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+@dg.op
+def slow_first(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    sleep_first_time(context, config)
 
 
 @dg.job(executor_def=dg.in_process_executor)

@@ -14,6 +14,7 @@ from dagster import DagsterEventType, DagsterRunStatus
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, claim_tag, resume_task_id
 from dagster_taskiq_cancel_tests.jobs import slow_first_job
+from dagster_taskiq_cancel_tests.resume_jobs import prep_executions, prep_work_config, prep_work_job
 from dagster_taskiq_cancel_tests.stack import (
     MOTO_ONLY,
     Deployment,
@@ -102,3 +103,38 @@ def test_without_resume_a_drained_workers_run_fails_naming_the_worker(
     assert event is not None and drained in (event.message or ""), event
     assert "stopped" in (event.message or "")
     _never_cancelled(deployment, run_id)
+
+
+def test_a_resumed_multiprocess_run_runs_only_its_unfinished_steps(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """``prep`` succeeded before the hand-over: the resume runs ``work`` again, not ``prep``."""
+    deployment = Deployment(
+        tmp_path,
+        sqs_server.endpoint_url,
+        instance_config={"run_monitoring": {**RESUME, "max_resume_run_attempts": 1}},
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
+    )
+    try:
+        config = prep_work_config(deployment.markers, seconds=300)
+        run_id = deployment.launch(prep_work_job, run_config=config)
+        _drain_holder(deployment, run_id, successors=1)
+        assert prep_executions(deployment.markers, run_id) == 1
+        monitor_until(
+            deployment,
+            lambda: (
+                deployment.status(run_id) in {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}
+            ),
+            120,
+            "the resumed run to end",
+        )
+        assert deployment.status(run_id) == DagsterRunStatus.SUCCESS
+        assert deployment.executions(run_id) == 2  # work: interrupted once, then done
+        assert prep_executions(deployment.markers, run_id) == 1, "prep ran again"
+        assert any(
+            "finished steps are not run again (prep)" in m
+            for m in deployment.engine_messages(run_id)
+        )
+        _never_cancelled(deployment, run_id)
+    finally:
+        deployment.stop()

@@ -1,6 +1,8 @@
-"""The worker's Dagster child: ``dagster api execute_run|execute_step`` with two cancel fixes.
+"""The worker's Dagster child: ``dagster api execute_run|resume_run|execute_step``, amended.
 
-Both correct Dagster behaviours that break a cancel, and act only once a stop has begun:
+A resumed run runs only the steps it had not finished, under the multiprocess executor too
+(``resumed_steps``). Two fixes correct Dagster behaviours that break a cancel, and act only once
+a stop has begun:
 
 - **A cancelled step is not retried** (``no_cancel_retry``, here and in each step process this
   child starts): interrupting the steps of a cancelled run must not put them up for retry.
@@ -22,7 +24,7 @@ from dagster._cli import main as dagster_main
 from dagster._core.execution.plan.active import ActiveExecution
 from dagster._core.executor import multiprocess
 
-from dagster_taskiq_cancel.worker import no_cancel_retry, step_gate
+from dagster_taskiq_cancel.worker import no_cancel_retry, resumed_steps, step_gate
 
 _dagster_mark_interrupted = ActiveExecution.mark_interrupted
 _dagster_execute_step_out_of_process = multiprocess.execute_step_out_of_process
@@ -56,6 +58,7 @@ def _execute_step_out_of_process(
 
 def main() -> None:
     no_cancel_retry.install()
+    resumed_steps.install()
     ActiveExecution.mark_interrupted = _mark_interrupted  # type: ignore[method-assign]
     multiprocess.execute_step_out_of_process = _execute_step_out_of_process
     multiprocess.MultiprocessExecutorChildProcessCommand = step_gate.GatedStepCommand  # type: ignore[misc]

@@ -10,6 +10,13 @@ from pathlib import Path
 import dagster as dg
 
 from dagster_taskiq_cancel_tests.jobs import MarkerConfig, sleep_first_time
+from dagster_taskiq_cancel_tests.step_jobs import (
+    STEP_RESOURCES,
+    StepMarkers,
+    fan_out,
+    part,
+    step_records,
+)
 
 PREPARED = 41
 
@@ -43,3 +50,22 @@ def prep_work_job() -> None:
 def prep_work_config(marker_dir: Path, seconds: float) -> dict[str, object]:
     config = {"marker_dir": str(marker_dir), "seconds": seconds}
     return {"ops": {"prep": {"config": config}, "work": {"config": config}}}
+
+
+@dg.op
+def total_once(context: dg.OpExecutionContext, markers: StepMarkers, parts: list[int]) -> int:
+    """Interrupted on its run's first execution, as a step is when its run is handed on."""
+    markers.record(context)
+    runs = [
+        r
+        for r in step_records(Path(markers.marker_dir), context.run_id)
+        if r.step_key == "total_once"
+    ]
+    if len(runs) == 1:
+        raise dg.DagsterExecutionInterruptedError()
+    return sum(parts)
+
+
+@dg.job(resource_defs=STEP_RESOURCES)  # the multiprocess executor, with a dynamic fan-out
+def fan_resume_job() -> None:
+    total_once(fan_out().map(part).collect())

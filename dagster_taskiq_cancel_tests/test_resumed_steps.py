@@ -1,0 +1,61 @@
+"""A resumed multiprocess run replays its event log: finished steps, dynamic ones included, are
+not run again (in-process: the run process here, real step processes, a real sqlite instance).
+
+The first execution ends with ``total_once`` failed by an interrupt, as a step of a run handed
+on by a stopping worker is; the run is then resumed as ``dagster api resume_run`` does.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.execution.api import execute_run_iterator
+from dagster._core.executor import multiprocess
+from dagster._core.test_utils import instance_for_test
+
+from dagster_taskiq_cancel.worker import resumed_steps
+from dagster_taskiq_cancel_tests.resume_jobs import fan_resume_job
+from dagster_taskiq_cancel_tests.step_jobs import fan_run_config, step_records
+
+
+@pytest.fixture
+def instance(monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.DagsterInstance]:
+    executor = multiprocess.MultiprocessExecutor
+    monkeypatch.setattr(executor, "execute", executor.execute)
+    monkeypatch.setattr(multiprocess, "ActiveExecution", multiprocess.ActiveExecution)
+    resumed_steps.install()  # undone by monkeypatch
+    with instance_for_test() as instance:
+        yield instance
+
+
+def test_a_resume_runs_only_the_unfinished_steps_of_a_fan_out(
+    instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    job = dg.reconstructable(fan_resume_job)
+    # Step processes fork from a server that has Dagster imported: seconds, not tens of seconds.
+    forkserver = {
+        "config": {
+            "multiprocess": {"start_method": {"forkserver": {"preload_modules": [__name__]}}}
+        }
+    }
+    config = {**fan_run_config(tmp_path, width=2), "execution": forkserver}
+    first = dg.execute_job(job, instance, run_config=config)
+    assert not first.success
+    run_id = first.run_id
+    start = dg.DagsterEvent(dg.DagsterEventType.RUN_START.value, job_name=fan_resume_job.name)
+    instance.run_storage.handle_run_event(run_id, start)  # STARTED, as a handed-on run is
+    run = instance.get_run_by_id(run_id)
+    assert run is not None
+    list(execute_run_iterator(job, run, instance, resume_from_failure=True))
+
+    assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.SUCCESS  # type: ignore[union-attr]
+    ran = Counter(r.step_key for r in step_records(tmp_path / "markers", run_id))
+    assert ran == {"fan_out": 1, "part[0]": 1, "part[1]": 1, "total_once": 2}
+    messages = [e.dagster_event.message or "" for e in instance.all_logs(run_id) if e.dagster_event]
+    assert any(
+        "finished steps are not run again (fan_out, part[0], part[1])" in m for m in messages
+    )

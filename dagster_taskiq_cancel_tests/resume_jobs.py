@@ -1,4 +1,4 @@
-"""A two-step job for resume: ``prep`` finishes at once, ``work`` sleeps on its first execution.
+"""Two-step jobs for resume: ``prep`` finishes at once, ``work`` waits on its first execution.
 
 ``prep`` appends to ``{marker_dir}/{run_id}.prep`` each time it runs; ``work`` records itself as
 the other test jobs' ops do and reads ``prep``'s output through the IO manager. (No ``from
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from dagster_taskiq_cancel import taskiq_executor
 from dagster_taskiq_cancel_tests.jobs import MarkerConfig, sleep_first_time
 from dagster_taskiq_cancel_tests.step_jobs import (
     STEP_RESOURCES,
@@ -35,15 +36,25 @@ def prep(context: dg.OpExecutionContext, config: MarkerConfig) -> int:
     return PREPARED
 
 
+def go_file(marker_dir: Path, run_id: str) -> Path:
+    """Once it exists, the first execution of ``work`` ends."""
+    return marker_dir / f"{run_id}.go"
+
+
 @dg.op
 def work(context: dg.OpExecutionContext, config: MarkerConfig, prepared: int) -> None:
-    sleep_first_time(context, config)
+    sleep_first_time(context, config, until=go_file(Path(config.marker_dir), context.run_id))
     if prepared != PREPARED:
         raise ValueError(f"prep's output read back as {prepared!r}")
 
 
 @dg.job  # Dagster's default executor: each op in its own multiprocessing step process
 def prep_work_job() -> None:
+    work(prep())
+
+
+@dg.job(executor_def=taskiq_executor)  # each op a step task on a worker
+def prep_work_step_job() -> None:
     work(prep())
 
 

@@ -2,14 +2,16 @@
 
 Ten runs per executor on one worker with a slot for each of their processes, launched together
 and terminated together while their ops run: no ``STEP_UP_FOR_RETRY`` in any run, each op ran
-once, each run ends CANCELED. Under ``taskiq_executor`` the worker's cancel directory is wiped
-first, so no process can learn of the cancel from its deadline file: the run storage decides.
+once, each run ends CANCELED. Under ``taskiq_executor`` the worker's cancel directory is also
+wiped first (``lost``), so that no process can learn of the cancel from its deadline file: the
+run storage decides.
 """
 
 from __future__ import annotations
 
 import shutil
 
+import pytest
 from dagster import DagsterEventType, DagsterRunStatus, JobDefinition
 
 from dagster_taskiq_cancel_tests.retry_jobs import retried_multiprocess_job, retried_step_job
@@ -53,12 +55,14 @@ def test_a_cancelled_op_is_not_retried_under_the_multiprocess_executor(
     _assert_no_retry(deployment, run_ids)
 
 
-def test_a_cancelled_step_is_not_retried_when_its_deadline_file_is_lost(
-    deployment: Deployment,
+@pytest.mark.parametrize("deadline", ["written", "lost"])
+def test_a_cancelled_step_is_not_retried_under_taskiq_executor(
+    deployment: Deployment, deadline: str
 ) -> None:
     (deployment.root / "tmp").mkdir()
     deployment.env["TMPDIR"] = str(deployment.root / "tmp")
     deployment.start_worker("--concurrency", str(2 * RUNS))  # a run task and a step task each
-    run_ids = _terminate_running_ops(deployment, retried_step_job, wipe=True)
-    assert "Could not write the cancel deadline" in deployment.worker_log(0)
+    run_ids = _terminate_running_ops(deployment, retried_step_job, wipe=deadline == "lost")
+    lost = "Could not write the cancel deadline" in deployment.worker_log(0)
+    assert lost is (deadline == "lost")
     _assert_no_retry(deployment, run_ids)

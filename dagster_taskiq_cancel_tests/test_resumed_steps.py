@@ -1,5 +1,6 @@
-"""A resumed multiprocess run replays its event log: finished steps, dynamic ones included, are
-not run again (in-process: the run process here, real step processes, a real sqlite instance).
+"""A resumed run replays its event log under the multiprocess and in-process executors: its
+finished steps, dynamic ones included, are not run again (in-process: the run process here,
+real step processes, a real sqlite instance).
 
 The first execution ends with ``total_once`` failed by an interrupt, as a step of a run handed
 on by a stopping worker is; the run is then resumed as ``dagster api resume_run`` does.
@@ -14,7 +15,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.execution.api import execute_run_iterator
+from dagster._core.execution.plan import active
 from dagster._core.executor import multiprocess
+from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.test_utils import instance_for_test
 
 from dagster_taskiq_cancel.worker import resumed_steps
@@ -24,25 +27,25 @@ from dagster_taskiq_cancel_tests.step_jobs import fan_run_config, step_records
 
 @pytest.fixture
 def instance(monkeypatch: pytest.MonkeyPatch) -> Iterator[dg.DagsterInstance]:
-    executor = multiprocess.MultiprocessExecutor
-    monkeypatch.setattr(executor, "execute", executor.execute)
-    monkeypatch.setattr(multiprocess, "ActiveExecution", multiprocess.ActiveExecution)
+    for executor in (multiprocess.MultiprocessExecutor, InProcessExecutor):
+        monkeypatch.setattr(executor, "execute", executor.execute)
+    for module in (multiprocess, active):
+        monkeypatch.setattr(module, "ActiveExecution", module.ActiveExecution)
     resumed_steps.install()  # undone by monkeypatch
     with instance_for_test() as instance:
         yield instance
 
 
+# Step processes fork from a server that has Dagster imported: seconds, not tens of seconds.
+FORKSERVER = {"start_method": {"forkserver": {"preload_modules": [__name__]}}}
+
+
+@pytest.mark.parametrize("executor", [{"multiprocess": FORKSERVER}, {"in_process": {}}])
 def test_a_resume_runs_only_the_unfinished_steps_of_a_fan_out(
-    instance: dg.DagsterInstance, tmp_path: Path
+    instance: dg.DagsterInstance, tmp_path: Path, executor: dict[str, object]
 ) -> None:
     job = dg.reconstructable(fan_resume_job)
-    # Step processes fork from a server that has Dagster imported: seconds, not tens of seconds.
-    forkserver = {
-        "config": {
-            "multiprocess": {"start_method": {"forkserver": {"preload_modules": [__name__]}}}
-        }
-    }
-    config = {**fan_run_config(tmp_path, width=2), "execution": forkserver}
+    config = {**fan_run_config(tmp_path, width=2), "execution": {"config": executor}}
     first = dg.execute_job(job, instance, run_config=config)
     assert not first.success
     run_id = first.run_id

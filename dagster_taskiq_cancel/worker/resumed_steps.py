@@ -1,10 +1,10 @@
-"""A resumed run under the multiprocess executor runs only the steps it had not finished.
+"""A resumed run runs only the steps it had not finished, whatever Dagster executor it uses.
 
-Dagster's multiprocess executor ignores ``resume_from_failure``: ``dagster api resume_run``
-would run every step again, including those that had succeeded before the run was handed on.
-Dagster's step-delegating executors (``taskiq_executor`` among them) rebuild their state from
-the run's event log instead (``ActiveExecution.rebuild_from_events``). Here the multiprocess
-executor of a resumed run does the same with the run's step events:
+Dagster's multiprocess and in-process executors ignore ``resume_from_failure``: ``dagster api
+resume_run`` would run every step again, including those that had succeeded before the run was
+handed on. Dagster's step-delegating executors (``taskiq_executor`` among them) rebuild their
+state from the run's event log instead (``ActiveExecution.rebuild_from_events``). Here the
+other two do the same with the run's step events:
 
 - a step that succeeded is done: its outputs (dynamic ones included) are read back by the IO
   manager from this same run, as for any later step (the workers must share the IO manager,
@@ -18,15 +18,17 @@ executor of a resumed run does the same with the run's step events:
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance
 from dagster._core.events import EngineEventData
+from dagster._core.execution.plan import active
 from dagster._core.execution.plan.active import ActiveExecution
 from dagster._core.execution.plan.objects import ErrorSource
 from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.executor import multiprocess
+from dagster._core.executor.in_process import InProcessExecutor
 
 _STEP_EVENTS = {
     DagsterEventType.STEP_OUTPUT,
@@ -34,7 +36,7 @@ _STEP_EVENTS = {
     DagsterEventType.STEP_FAILURE,
     DagsterEventType.STEP_UP_FOR_RETRY,
 }
-_dagster_execute = multiprocess.MultiprocessExecutor.execute
+Execute = Callable[[Any, Any, Any], Iterator[DagsterEvent]]
 
 
 def _finished_events(instance: DagsterInstance, run_id: str) -> list[DagsterEvent]:
@@ -71,23 +73,31 @@ class ResumedExecution(ActiveExecution):
         return [*restart, *super().get_steps_to_execute(more)]
 
 
-def _execute(
-    self: multiprocess.MultiprocessExecutor, plan_context: Any, execution_plan: Any
-) -> Iterator[DagsterEvent]:
-    if plan_context.resume_from_failure:
-        prior = _finished_events(plan_context.instance, plan_context.run_id)
-        done = sorted({e.step_key for e in prior if e.is_step_success and e.step_key})
-        yield DagsterEvent.engine_event(
-            plan_context,
-            f"Resuming: finished steps are not run again ({', '.join(done) or 'none'})",
-            EngineEventData(),
-        )
-        multiprocess.ActiveExecution = functools.partial(  # type: ignore[misc]
-            ResumedExecution, prior_events=prior
-        )
-    yield from _dagster_execute(self, plan_context, execution_plan)
+def _resuming(dagster_execute: Execute) -> Execute:
+    """The executor's ``execute``, with its plan state rebuilt first when the run is resumed.
+
+    The multiprocess executor names ``ActiveExecution`` in its module; the in-process one gets
+    it from ``ExecutionPlan.start``, which imports it from ``active`` when called.
+    """
+
+    def execute(executor: Any, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
+        if plan_context.resume_from_failure:
+            prior = _finished_events(plan_context.instance, plan_context.run_id)
+            done = sorted({e.step_key for e in prior if e.is_step_success and e.step_key})
+            yield DagsterEvent.engine_event(
+                plan_context,
+                f"Resuming: finished steps are not run again ({', '.join(done) or 'none'})",
+                EngineEventData(),
+            )
+            resumed = functools.partial(ResumedExecution, prior_events=prior)
+            multiprocess.ActiveExecution = resumed  # type: ignore[misc]
+            active.ActiveExecution = resumed  # type: ignore[misc]
+        yield from dagster_execute(executor, plan_context, execution_plan)
+
+    return execute
 
 
 def install() -> None:
-    """Make this process's multiprocess executor resume a run from its event log."""
-    multiprocess.MultiprocessExecutor.execute = _execute  # type: ignore[method-assign]
+    """Make this process's multiprocess and in-process executors resume from the event log."""
+    for executor in (multiprocess.MultiprocessExecutor, InProcessExecutor):
+        executor.execute = _resuming(executor.execute)  # type: ignore[method-assign]

@@ -80,3 +80,11 @@ def total_once(context: dg.OpExecutionContext, markers: StepMarkers, parts: list
 @dg.job(resource_defs=STEP_RESOURCES)  # the multiprocess executor, with a dynamic fan-out
 def fan_resume_job() -> None:
     total_once(fan_out().map(part).collect())
+
+
+@dg.job(  # the in-process executor, its outputs in memory: nothing a resume can read back
+    executor_def=dg.in_process_executor,
+    resource_defs={**STEP_RESOURCES, "io_manager": dg.mem_io_manager},
+)
+def fan_resume_in_memory_job() -> None:
+    total_once(fan_out().map(part).collect())

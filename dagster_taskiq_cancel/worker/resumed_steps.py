@@ -8,7 +8,8 @@ other two do the same with the run's step events:
 
 - a step that succeeded is done: its outputs (dynamic ones included) are read back by the IO
   manager from this same run, as for any later step (the workers must share the IO manager,
-  DESIGN rule 9);
+  DESIGN rule 9). A job with an output in memory (``mem_io_manager``, in-process executor only)
+  has nothing to read back: every step runs again, as under Dagster;
 - a step that failed by itself stays failed, and a step up for retry is retried, as Dagster
   would have done had the run not been handed on;
 - a step that was running when the run was handed on (started but not finished, or failed by
@@ -26,6 +27,7 @@ from dagster._core.events import EngineEventData
 from dagster._core.execution.plan import active
 from dagster._core.execution.plan.active import ActiveExecution
 from dagster._core.execution.plan.objects import ErrorSource
+from dagster._core.execution.plan.plan import can_isolate_steps
 from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.executor import multiprocess
 from dagster._core.executor.in_process import InProcessExecutor
@@ -81,7 +83,15 @@ def _resuming(dagster_execute: Execute) -> Execute:
     """
 
     def execute(executor: Any, plan_context: Any, execution_plan: Any) -> Iterator[DagsterEvent]:
-        if plan_context.resume_from_failure:
+        if plan_context.resume_from_failure and not can_isolate_steps(
+            plan_context.job.get_definition()
+        ):
+            yield DagsterEvent.engine_event(
+                plan_context,
+                "Resuming: every step runs again (an output of this job is kept in memory)",
+                EngineEventData(),
+            )
+        elif plan_context.resume_from_failure:
             prior = _finished_events(plan_context.instance, plan_context.run_id)
             done = sorted({e.step_key for e in prior if e.is_step_success and e.step_key})
             yield DagsterEvent.engine_event(

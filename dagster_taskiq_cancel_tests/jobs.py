@@ -65,16 +65,23 @@ def sleepy_job() -> None:
     sleeper()
 
 
-@dg.op
-def slow_first(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
-    """Sleeps on its first execution only: a resumed run then finishes at once."""
+def sleep_first_time(
+    context: dg.OpExecutionContext, config: MarkerConfig, until: Path | None = None
+) -> None:
+    """Record the execution; sleep on the run's first one only (a resumed run finishes at once),
+    and only until the file ``until`` exists, if given."""
     _record_start(context, config.marker_dir)
     executions = Path(config.marker_dir) / f"{context.run_id}.executions"
     if len(executions.read_text().splitlines()) > 1:
         return
     deadline = time.monotonic() + config.seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (until and until.exists()):
         time.sleep(0.05)
+
+
+@dg.op
+def slow_first(context: dg.OpExecutionContext, config: MarkerConfig) -> None:
+    sleep_first_time(context, config)
 
 
 @dg.job(executor_def=dg.in_process_executor)

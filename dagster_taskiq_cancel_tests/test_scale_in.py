@@ -15,6 +15,13 @@ from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.tasks import WORKER_ID_TAG, resume_task_id
 from dagster_taskiq_cancel_tests.jobs import slow_first_job
+from dagster_taskiq_cancel_tests.resume_jobs import (
+    go_file,
+    prep_executions,
+    prep_work_config,
+    prep_work_job,
+    prep_work_step_job,
+)
 from dagster_taskiq_cancel_tests.stack import (
     MOTO_ONLY,
     Deployment,
@@ -105,3 +112,76 @@ def test_without_resume_a_drained_workers_run_fails_naming_the_worker(
     assert event is not None and drained in (event.message or ""), event
     assert "stopped" in (event.message or "")
     _never_cancelled(deployment, run_id)
+
+
+def _resume_once(tmp_path: Path, sqs_server: LocalSqsServer) -> Deployment:
+    """A deployment whose runs Dagster's run monitoring resumes once (the issue's setting)."""
+    return Deployment(
+        tmp_path,
+        sqs_server.endpoint_url,
+        instance_config={"run_monitoring": {**RESUME, "max_resume_run_attempts": 1}},
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
+    )
+
+
+def test_a_resumed_multiprocess_run_runs_only_its_unfinished_steps(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """``prep`` succeeded before the hand-over: the resume runs ``work`` again, not ``prep``."""
+    deployment = _resume_once(tmp_path, sqs_server)
+    try:
+        config = prep_work_config(deployment.markers, seconds=300)
+        run_id = deployment.launch(prep_work_job, run_config=config)
+        _drain_holder(deployment, run_id, successors=1)
+        assert prep_executions(deployment.markers, run_id) == 1
+        monitor_until(
+            deployment,
+            lambda: (
+                deployment.status(run_id) in {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}
+            ),
+            120,
+            "the resumed run to end",
+        )
+        assert deployment.status(run_id) == DagsterRunStatus.SUCCESS
+        assert deployment.executions(run_id) == 2  # work: interrupted once, then done
+        assert prep_executions(deployment.markers, run_id) == 1, "prep ran again"
+        assert any(
+            "finished steps are not run again (prep)" in m
+            for m in deployment.engine_messages(run_id)
+        )
+        _never_cancelled(deployment, run_id)
+    finally:
+        deployment.stop()
+
+
+def test_a_resumed_step_run_runs_only_its_unfinished_steps(
+    tmp_path: Path, sqs_server: LocalSqsServer
+) -> None:
+    """Under ``taskiq_executor`` Dagster's own resume skips what finished: the run task's worker
+    is drained while ``work`` runs on another worker; the resumed run waits for that step, which
+    runs once, and does not run ``prep`` again."""
+    deployment = _resume_once(tmp_path, sqs_server)
+    try:
+        config = prep_work_config(deployment.markers, seconds=300)
+        run_id = deployment.launch(prep_work_step_job, run_config=config)
+        holder = deployment.start_worker("--concurrency", "1")  # the run task, no step
+        wait_for(lambda: deployment.tags(run_id).get(WORKER_ID_TAG), 60, "the claim")
+        deployment.start_worker("--concurrency", "2")  # the steps, then the resume
+        step_pid = deployment.op_pid(run_id)
+        s = deployment.settings
+        stop_process(holder, timeout=s.drain_seconds + s.grace_seconds + s.wait_time_seconds + 15)
+        assert holder.returncode == 0, deployment.worker_log(0)
+        monitor_until(
+            deployment,
+            lambda: any("in-progress step work" in m for m in deployment.engine_messages(run_id)),
+            90,
+            "the resumed run to check on work",
+        )
+        assert pid_alive(step_pid), "the handed-on run's step kept running"
+        go_file(deployment.markers, run_id).touch()
+        deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=90)
+        assert prep_executions(deployment.markers, run_id) == 1, "prep ran again"
+        assert deployment.executions(run_id) == 1, "work ran again"
+        _never_cancelled(deployment, run_id)
+    finally:
+        deployment.stop()

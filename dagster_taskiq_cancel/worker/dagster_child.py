@@ -1,12 +1,11 @@
-"""The worker's Dagster child: ``dagster api execute_run|execute_step`` with two cancel fixes.
+"""The worker's Dagster child: ``dagster api execute_run|resume_run|execute_step``, amended.
 
-Both correct Dagster behaviours that break a cancel, and act only once a stop has begun:
+A resumed run runs only the steps it had not finished, under the multiprocess executor too
+(``resumed_steps``). Two fixes correct Dagster behaviours that break a cancel, and act only once
+a stop has begun:
 
-- **A cancelled step is not retried.** Dagster applies an op's RetryPolicy to interrupts (so that
-  a preempted step runs again): interrupting the steps of a cancelled run would put each one up
-  for retry and make the executor send retry attempts of a run that is stopping. The worker
-  writes the cancel deadline file before it interrupts cancelled work (``cancellation_requested()``
-  is then not None); from then on the step's retry mode reads as disabled.
+- **A cancelled step is not retried** (``no_cancel_retry``, here and in each step process this
+  child starts): interrupting the steps of a cancelled run must not put them up for retry.
 - **An interrupt stops a step process that is still starting.** The multiprocess executor
   forwards an interrupt only to step processes that already exist, and waits for them; one it
   launches in the same moment never hears of it, and one still starting cannot act on it before
@@ -22,23 +21,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from dagster._cli import main as dagster_main
-from dagster._core.execution.context.system import StepExecutionContext
 from dagster._core.execution.plan.active import ActiveExecution
-from dagster._core.execution.retries import RetryMode
 from dagster._core.executor import multiprocess
 
-from dagster_taskiq_cancel.cooperative import cancellation_requested
-from dagster_taskiq_cancel.worker import step_gate
+from dagster_taskiq_cancel.worker import no_cancel_retry, resumed_steps, step_gate
 
-_dagster_retry_mode = StepExecutionContext.retry_mode
 _dagster_mark_interrupted = ActiveExecution.mark_interrupted
 _dagster_execute_step_out_of_process = multiprocess.execute_step_out_of_process
 _interrupted = False  # one run per process: the executor of this run was interrupted
-
-
-def _retry_mode(self: StepExecutionContext) -> RetryMode:
-    mode = _dagster_retry_mode.fget(self)  # type: ignore[attr-defined]
-    return RetryMode.DISABLED if cancellation_requested() is not None else mode
 
 
 def _mark_interrupted(self: ActiveExecution) -> None:
@@ -67,7 +57,8 @@ def _execute_step_out_of_process(
 
 
 def main() -> None:
-    StepExecutionContext.retry_mode = property(_retry_mode)  # type: ignore[method-assign,assignment]
+    no_cancel_retry.install()
+    resumed_steps.install()
     ActiveExecution.mark_interrupted = _mark_interrupted  # type: ignore[method-assign]
     multiprocess.execute_step_out_of_process = _execute_step_out_of_process
     multiprocess.MultiprocessExecutorChildProcessCommand = step_gate.GatedStepCommand  # type: ignore[misc]

@@ -35,6 +35,8 @@ from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.executor.child_process_executor import ChildProcessCrashException
 from dagster._core.executor.multiprocess import MultiprocessExecutorChildProcessCommand
 
+from dagster_taskiq_cancel.worker import no_cancel_retry
+
 STOP_UNSTARTED = signal.SIGUSR1
 _dagster_raise_interrupts_as = errors.raise_interrupts_as
 _begun = False  # one step per process: its first user code has started
@@ -60,10 +62,13 @@ class GatedStepCommand(MultiprocessExecutorChildProcessCommand):
     """Dagster's step command, killed by ``STOP_UNSTARTED`` until its user code begins.
 
     Pickled by reference into the step process, so this module is imported there whatever the
-    multiprocessing start method.
+    multiprocessing start method. It is the step process's only entry from the worker's child,
+    so it also carries the rule that a cancel is never retried (``no_cancel_retry``): the op's
+    RetryPolicy is applied in the step process, where the run process's patches do not reach.
     """
 
     def execute(self) -> Iterator[DagsterEvent]:
+        no_cancel_retry.install()
         errors.raise_interrupts_as = _raise_interrupts_as  # type: ignore[assignment]
         signal.signal(STOP_UNSTARTED, _stop_unstarted)
         yield from super().execute()

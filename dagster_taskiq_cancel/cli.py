@@ -24,6 +24,7 @@ from dagster._core.errors import (
     DagsterInvariantViolationError,
 )
 
+from dagster_taskiq_cancel import __version__
 from dagster_taskiq_cancel.bulk import (
     DEFAULT_STATUSES,
     BulkCancelResult,
@@ -99,6 +100,7 @@ def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="dagster-taskiq-cancel")
 def main() -> None:
     """Dagster work on taskiq workers over SQS that stops when you click Terminate."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any
 
 from dagster import DagsterRun
 from dagster import _check as check
@@ -17,6 +17,7 @@ from dagster._core.launcher import (
     RunLauncher,
 )
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
+from typing_extensions import Self
 
 from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health

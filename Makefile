@@ -56,5 +56,7 @@ dev: $(DEV_STAMP)
 bench: $(TEST_STAMP)
 	$(BIN)/python -m benchmarks
 
+# Everything but the demo's config: the venv, the demo's runs, test output.
 clean:
 	rm -rf $(VENV) .dagster_home test-output
+	find dagster_home -mindepth 1 -not -name dagster.yaml -delete

@@ -166,21 +166,31 @@ def test_use_aws_means_what_it_says(value: str, aws: bool) -> None:
     assert use_aws({}) is False
 
 
-def test_use_aws_other_than_true_or_false_is_a_one_line_error(tmp_path: Path) -> None:
-    env = {**clean_env(tmp_path), "DAGSTER_TASKIQ_USE_AWS": "no thanks"}
+def refused_dev(root: Path, env: dict[str, str], prelude: str = "") -> str:
+    """`dev` run in ``root`` (after ``prelude`` code, in-process), which must refuse to start:
+    exit 1, no banner, one line of error without traceback, and nothing left in its home."""
+    cli = f"{prelude}from dagster_taskiq_cancel.cli import main; main()"
     result = subprocess.run(
-        [sys.executable, "-m", "dagster_taskiq_cancel", "dev", "--port", str(free_port())],
-        cwd=checkout(tmp_path),
+        [sys.executable, "-c", cli, "dev", "--port", str(free_port())],
+        cwd=root,
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 1
+    assert result.stdout == ""  # no banner
+    assert RUNNING_FILE not in {p.name for p in (root / HOME_DIR).iterdir()}
     (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def test_use_aws_other_than_true_or_false_is_a_one_line_error(tmp_path: Path) -> None:
+    root = checkout(tmp_path)
+    line = refused_dev(root, {**clean_env(tmp_path), "DAGSTER_TASKIQ_USE_AWS": "no thanks"})
     assert "DAGSTER_TASKIQ_USE_AWS='no thanks'" in line, line
     assert "true or false" in line
-    assert not (tmp_path / "repo" / ".dagster_home").exists()  # refused before starting anything
+    assert [p.name for p in (root / HOME_DIR).iterdir()] == ["dagster.yaml"]  # refused at once
 
 
 def test_a_bad_setting_in_the_demo_config_is_one_line_before_anything_starts(
@@ -197,20 +207,9 @@ def test_a_bad_setting_in_the_demo_config_is_one_line_before_anything_starts(
         ),
     ]:
         config.write_text(bad)
-        result = subprocess.run(
-            [sys.executable, "-m", "dagster_taskiq_cancel", "dev", "--port", str(free_port())],
-            cwd=root,
-            env=clean_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 1
-        assert result.stdout == ""  # no banner
-        (line,) = result.stderr.strip().splitlines()  # one line, no traceback
+        line = refused_dev(root, clean_env(tmp_path))
         assert named in line, line
         assert "object at 0x" not in line  # none of Dagster's schema dump
-        assert RUNNING_FILE not in {p.name for p in (root / HOME_DIR).iterdir()}
 
 
 def test_a_command_joins_the_running_demo_only_where_nothing_else_is_set(tmp_path: Path) -> None:
@@ -244,22 +243,6 @@ def test_a_command_joins_the_running_demo_only_where_nothing_else_is_set(tmp_pat
 
 def test_dev_without_its_extra_says_what_to_install(tmp_path: Path) -> None:
     blocked = "import sys; sys.modules['moto'] = None; sys.modules['dagster_webserver'] = None; "
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            blocked + "from dagster_taskiq_cancel.cli import main; main()",
-            "dev",
-            "--port",
-            str(free_port()),
-        ],
-        cwd=checkout(tmp_path),
-        env={**os.environ, "HOME": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1
-    (line,) = result.stderr.strip().splitlines()
+    line = refused_dev(checkout(tmp_path), clean_env(tmp_path), prelude=blocked)
     assert "dagster_webserver, moto not installed" in line, line
     assert "pip install 'dagster-taskiq-cancel[dev]'" in line

@@ -88,26 +88,24 @@ def test_the_wheel_imports_its_public_names_from_a_fresh_venv(venv: Path, tmp_pa
         f"[getattr(p, name) for name in {PUBLIC!r}]; "
         "print(p.__file__)"
     )
-    found = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", code],
-        cwd=tmp_path,
+    found = in_venv(tmp_path, venv / "bin" / "python", "-c", code)
+    assert Path(found.strip()).is_relative_to(venv), found
+    version = in_venv(tmp_path, venv / "bin" / "dagster-taskiq-cancel", "--version")
+    assert version.split()[-1] == dagster_taskiq_cancel.__version__
+
+
+def in_venv(cwd: Path, program: Path, *args: str) -> str:
+    """The output of ``program`` run away from this checkout; it must succeed."""
+    done = subprocess.run(
+        [str(program), *args],
+        cwd=cwd,
         env=outside_checkout(),
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert found.returncode == 0, found.stderr
-    assert Path(found.stdout.strip()).is_relative_to(venv), found.stdout
-    version = subprocess.run(
-        [str(venv / "bin" / "dagster-taskiq-cancel"), "--version"],
-        cwd=tmp_path,
-        env=outside_checkout(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert version.returncode == 0, version.stderr
-    assert version.stdout.split()[-1] == dagster_taskiq_cancel.__version__
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def test_the_wheel_is_typed_and_declares_every_import(wheel: Path) -> None:

@@ -135,7 +135,13 @@ def main(ctx: click.Context) -> None:
     name others.
     """
     if ctx.invoked_subcommand != "dev" and not ctx.resilient_parsing:
-        note = join_running_demo(os.environ, Path.cwd())
+        # A worker added by hand serves its own health port, not the demo worker's.
+        skip = (
+            {TaskiqCancelSettings.env_var("metrics_port")}
+            if ctx.invoked_subcommand == "worker"
+            else set()
+        )
+        note = join_running_demo(os.environ, Path.cwd(), skip)
         if note:
             click.echo(note, err=True)
 

@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from pathlib import Path
 
 from dagster._core.errors import DagsterInvalidConfigError, DagsterInvariantViolationError
@@ -70,11 +70,13 @@ def running_demo_settings(home: Path) -> dict[str, str]:
         return {}
 
 
-def join_running_demo(environ: MutableMapping[str, str], cwd: Path) -> str | None:
+def join_running_demo(
+    environ: MutableMapping[str, str], cwd: Path, skip: Collection[str] = ()
+) -> str | None:
     """Point a CLI command at the demo running in ``DAGSTER_HOME`` (else in ``./dagster_home``).
 
-    Only what is not set already: its endpoint and worker health port, and ``DAGSTER_HOME`` when
-    unset, in which case the returned note says so.
+    Only what is not set already: its endpoint and worker health port (but no variable named in
+    ``skip``), and ``DAGSTER_HOME`` when unset, in which case the returned note says so.
     """
     note = None
     home = environ.get("DAGSTER_HOME")
@@ -85,7 +87,7 @@ def join_running_demo(environ: MutableMapping[str, str], cwd: Path) -> str | Non
         home = environ["DAGSTER_HOME"] = str(cwd / HOME_DIR)
         note = f"DAGSTER_HOME is not set: using the running demo's, {home}"
     for name, value in running_demo_settings(Path(home)).items():
-        if not environ.get(name):
+        if name not in skip and not environ.get(name):
             environ[name] = value
     return note
 

@@ -225,6 +225,9 @@ def test_a_command_joins_the_running_demo_only_where_nothing_else_is_set(tmp_pat
     env = dict(mine)
     assert join_running_demo(env, tmp_path / "elsewhere") is None
     assert env == {**running, **mine}  # the user's own endpoint wins
+    env = {}
+    join_running_demo(env, tmp_path, skip={"DAGSTER_TASKIQ_METRICS_PORT"})  # as `worker` does
+    assert "DAGSTER_TASKIQ_METRICS_PORT" not in env
     env = {"DAGSTER_HOME": str(tmp_path / "production")}
     assert join_running_demo(env, tmp_path) is None
     assert env == {"DAGSTER_HOME": str(tmp_path / "production")}  # not the demo's instance

@@ -34,7 +34,7 @@ HOME_DIR = "dagster_home"
 # its worker's health endpoint, which `dev` chose at start (free ports).
 RUNNING_FILE = "running-demo.json"
 # What `dev` imports or runs besides the package: the `dev` extra.
-DEV_MODULES = ("dagster_webserver", "dagster_graphql", "moto")
+DEV_MODULES = ("dagster_webserver", "dagster_graphql", "moto", "flask", "flask_cors")
 
 
 class DevError(RuntimeError):

@@ -37,6 +37,17 @@ RUNNING_FILE = "running-demo.json"
 DEV_MODULES = ("dagster_webserver", "dagster_graphql", "moto", "flask", "flask_cors")
 
 
+# Dagster's warning at every `dagster dev` that `dg dev` supersedes it: `dg` needs a dg project.
+SUPERSEDED = "ignore:Function `dev_command` is superseded"
+
+
+def command(proc: subprocess.Popen[bytes]) -> str:
+    """The module and subcommand a child runs (``dagster dev``), for a message."""
+    args = [str(arg) for arg in proc.args]  # type: ignore[union-attr]
+    start = args.index("-m") + 1
+    return " ".join(args[start : start + 2])
+
+
 class DevError(RuntimeError):
     """The demo cannot start; the message says why and what to do."""
 
@@ -244,9 +255,9 @@ class DevStack:
         SyncQueues(settings).create_all()
         if self.workers:
             self.processes.append(self.start_workers(self.workers))
-        args = [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
+        args = ["-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
         dagster = subprocess.Popen(
-            [*args, "--log-level", self.log_level],
+            [sys.executable, "-W", SUPERSEDED, *args, "--log-level", self.log_level],
             env=self.env,
             cwd=self.root,
             preexec_fn=_default_signals,
@@ -312,7 +323,7 @@ class DevStack:
         while not stop["signal"]:
             for proc in self.processes:
                 if proc.poll() is not None:
-                    print(f"{proc.args[2:4]} exited with {proc.returncode}; stopping", flush=True)  # type: ignore[index]
+                    print(f"{command(proc)} exited with {proc.returncode}; stopping", flush=True)
                     return 1
             time.sleep(0.2)
         return 0

@@ -153,7 +153,7 @@ def test_make_dev_in_a_clean_environment_runs_a_job_and_ctrl_c_is_quiet(
     assert "Dagster UI: " in text
     assert not survivors, f"left running after Ctrl-C: {survivors}"
     assert not (root / HOME_DIR / RUNNING_FILE).exists()
-    for noise in ("will not be used", "Context impl", "Found credentials"):
+    for noise in ("will not be used", "Context impl", "Found credentials", "superseded"):
         assert noise not in text, noise
 
 

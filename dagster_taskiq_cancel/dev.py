@@ -25,7 +25,13 @@ from dagster._core.errors import DagsterInvalidConfigError, DagsterInvariantViol
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, free_port, port_is_free
 from dagster_taskiq_cancel.queues import SyncQueues
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings, build_settings, resolve_settings
+from dagster_taskiq_cancel.settings import (
+    LAUNCHER_CONFIG,
+    TaskiqCancelSettings,
+    build_settings,
+    resolve_settings,
+    settings_from_env,
+)
 
 USE_AWS = "DAGSTER_TASKIQ_USE_AWS"
 BOOLEANS = {"": False, "0": False, "false": False, "1": True, "true": True}
@@ -148,9 +154,9 @@ def stop_tree(proc: subprocess.Popen[bytes], signum: int, timeout: float) -> Non
     proc.wait()
 
 
-def checked_settings(home: Path) -> TaskiqCancelSettings:
-    """Every setting of the demo, checked before anything starts; creates the sqlite databases
-    once, before several processes race to create them.
+def checked_settings(home: Path, env: Mapping[str, str]) -> TaskiqCancelSettings:
+    """Every setting of the demo, checked before anything starts, as its processes will resolve
+    them in ``env``; creates the sqlite databases once, before several processes race to.
 
     Dagster reads the instance's parts lazily: each is read here, so that a bad value is one
     line now rather than tracebacks from the daemon and a worker that exits after the banner.
@@ -162,12 +168,15 @@ def checked_settings(home: Path) -> TaskiqCancelSettings:
     except (DagsterInvalidConfigError, DagsterInvariantViolationError) as exc:
         raise DevError(f"{home / 'dagster.yaml'}: {instance_problem(exc)}") from None
     try:
-        settings = resolve_settings(instance)
+        resolve_settings(instance)  # the launcher's config, as this process's environment sees it
         instance.run_coordinator  # noqa: B018
         instance.get_runs(limit=1)
         instance.schedule_storage  # noqa: B018
         instance.event_log_storage  # noqa: B018
-        return settings
+        launcher = instance.run_launcher
+        ours = isinstance(getattr(launcher, "settings", None), TaskiqCancelSettings)
+        given = launcher.inst_data.config_dict if ours and launcher.inst_data else {}
+        return settings_from_env(given, environ=env, where=LAUNCHER_CONFIG)
     except (DagsterInvalidConfigError, DagsterInvariantViolationError) as exc:
         raise DevError(f"{home / 'dagster.yaml'}: {instance_problem(exc)}") from None
     finally:
@@ -241,7 +250,7 @@ class DevStack:
         if self.home != self.config.parent:  # a private home: the tests' and benchmarks'
             self.home.mkdir(parents=True, exist_ok=True)
             shutil.copy(self.config, self.home / "dagster.yaml")
-        checked = checked_settings(self.home)
+        checked = checked_settings(self.home, self.env)
         self.env["DAGSTER_HOME"] = str(self.home)
         chosen: dict[str, str] = {}  # what the demo picks, given to its processes as variables
         if not checked.endpoint_url and not aws:

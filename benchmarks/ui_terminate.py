@@ -19,7 +19,7 @@ import yaml
 
 from benchmarks.harness import REPO, Context
 from benchmarks.stats import Row, pairwise_ratio_row
-from dagster_taskiq_cancel.dev import DevStack
+from dagster_taskiq_cancel.dev import HOME_DIR, DevStack
 from dagster_taskiq_cancel.local_sqs import free_port
 from dagster_taskiq_cancel_tests.stack import graphql as post_graphql
 from dagster_taskiq_cancel_tests.stack import wait_for
@@ -83,9 +83,10 @@ def terminate_to_canceled(stack: DevStack) -> float:
 def default_launcher_root(root: Path) -> Path:
     """A folder like the repository's, but whose dagster.yaml has no run_launcher: Dagster's
     DefaultRunLauncher with the same coordinator and monitoring as ours."""
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config = yaml.safe_load((REPO / HOME_DIR / "dagster.yaml").read_text())
     config.pop("run_launcher")
-    (root / "dagster.yaml").write_text(yaml.safe_dump(config))
+    (root / HOME_DIR).mkdir()
+    (root / HOME_DIR / "dagster.yaml").write_text(yaml.safe_dump(config))
     workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())
     for entry in workspace["load_from"]:
         entry["python_module"]["working_directory"] = str(REPO)

@@ -1,5 +1,7 @@
 """Dagster work on taskiq workers over AWS SQS that really stops when someone clicks Terminate."""
 
+__version__ = "0.1.0"
+
 from dagster_taskiq_cancel.bulk import BulkCancelResult, EmptyFilterError, cancel_runs
 from dagster_taskiq_cancel.cancel import CancelOutcome
 from dagster_taskiq_cancel.cleanup import CleanupContext, cleanup_on_cancel
@@ -24,6 +26,7 @@ __all__ = [
     "TaskiqCancelResource",
     "TaskiqCancelSettings",
     "TaskiqRunLauncher",
+    "__version__",
     "build_cancel_reconciliation_sensor",
     "cancel_reconciliation_sensor",
     "cancel_runs",

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Literal
 
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
@@ -83,7 +83,9 @@ def terminate_requester() -> tuple[str, str]:
 
 def audit_text(request: CancelRequest) -> str:
     """The event-log line every cancel writes: who, when, why and which request."""
-    when = datetime.fromtimestamp(request.requested_at, UTC).isoformat(timespec="milliseconds")
+    when = datetime.fromtimestamp(request.requested_at, timezone.utc).isoformat(
+        timespec="milliseconds"
+    )
     why = request.reason or "no reason given"
     return (
         f"Cancel requested by {request.requested_by} at {when}; reason: {why}; "

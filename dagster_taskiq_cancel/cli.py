@@ -1,8 +1,10 @@
 """``dagster-taskiq-cancel``: worker and queue administration.
 
-Every settings field is also an option (``--poll-interval-seconds``). Options win, then the
-``TaskiqRunLauncher`` config of the ``DAGSTER_HOME`` instance, then ``DAGSTER_TASKIQ_*``, then the
-defaults: the one order of every entry point (``settings.resolve_settings``).
+Every settings field a command uses is also its option (``--poll-interval-seconds``). Options
+win, then the ``TaskiqRunLauncher`` config of the ``DAGSTER_HOME`` instance, then
+``DAGSTER_TASKIQ_*``, then the defaults: the one order of every entry point
+(``settings.resolve_settings``). Beside a running demo (``dev``), what it chose at start fills in
+what none of these sets (``dev.join_running_demo``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import sys
 import time
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,6 +29,7 @@ from dagster._core.errors import (
     DagsterInvariantViolationError,
 )
 
+from dagster_taskiq_cancel import __version__
 from dagster_taskiq_cancel.bulk import (
     DEFAULT_STATUSES,
     BulkCancelResult,
@@ -32,6 +37,7 @@ from dagster_taskiq_cancel.bulk import (
     cancel_runs,
 )
 from dagster_taskiq_cancel.cancel import environment_user
+from dagster_taskiq_cancel.dev import DevError, instance_problem, join_running_demo
 from dagster_taskiq_cancel.queues import QueueNames, SqsError, SyncQueues, backlog_figures
 from dagster_taskiq_cancel.settings import (
     SettingsError,
@@ -47,6 +53,15 @@ CLICK_TYPES: dict[Any, click.ParamType] = {float: click.FLOAT, int: click.INT}
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SCHEMA_RACE_TRIES = 5
 _DUPLICATE_PGCODES = frozenset({"23505", "42P07", "42710"})  # unique, table, object
+# The settings each command reads; the worker reads them all.
+QUEUE_SETTINGS = ("queue_name", "region_name", "endpoint_url")
+HEALTH_SETTINGS = ("metrics_port", "metrics_host")
+# Libraries' INFO lines a worker would print at every task or connection: not the user's news.
+QUIET_LOGGERS = ("alembic", "botocore", "aiobotocore", "aioboto3", "boto3")
+LINUX_ONLY = (
+    "the worker runs on Linux only: it stops a task's processes with Linux's prctl "
+    "(parent-death signal, subreaper); run it in a Linux container or host, not on {platform}"
+)
 NO_HOME = (
     "DAGSTER_HOME is not set: set it to the folder with the dagster.yaml your webserver and "
     "daemon use (the workers must share their run storage), e.g. DAGSTER_HOME=/srv/dagster"
@@ -57,17 +72,24 @@ CANCEL_NO_HOME = (
 )
 
 
-def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one option per settings field; the command receives them as ``**overrides``."""
-    for name, field in reversed(TaskiqCancelSettings.model_fields.items()):
-        command = click.option(
-            f"--{name.replace('_', '-')}",
-            name,
-            type=_click_type(field.annotation),
-            default=None,
-            help=f"{field.description} [env {TaskiqCancelSettings.env_var(name)}]",
-        )(command)
-    return command
+def settings_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add one option per settings field named (all when none are); the command receives them
+    as ``**overrides``."""
+    fields = TaskiqCancelSettings.model_fields
+    chosen = names or tuple(fields)
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(chosen):
+            command = click.option(
+                f"--{name.replace('_', '-')}",
+                name,
+                type=_click_type(fields[name].annotation),
+                default=None,
+                help=f"{fields[name].description} [env {TaskiqCancelSettings.env_var(name)}]",
+            )(command)
+        return command
+
+    return add
 
 
 def _click_type(annotation: Any) -> click.ParamType:
@@ -116,13 +138,16 @@ def lost_schema_race(exc: BaseException | None) -> bool:
     return False
 
 
-def unusable_home(exc: Exception) -> click.ClickException:
+def unusable_home(
+    exc: DagsterInvalidConfigError | DagsterInvariantViolationError,
+) -> click.ClickException:
     """DAGSTER_HOME is set but its dagster.yaml cannot be read: Dagster's first lines, on one."""
-    if isinstance(exc, DagsterInvalidConfigError):
-        return click.ClickException(
-            f"{exc.message.splitlines()[0]} {'; '.join(exc.error_messages)}"
-        )
-    return click.ClickException(str(exc).splitlines()[0])
+    return click.ClickException(instance_problem(exc))
+
+
+def require_linux() -> None:
+    if not sys.platform.startswith("linux"):
+        raise click.ClickException(LINUX_ONLY.format(platform=sys.platform))
 
 
 def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
@@ -135,18 +160,43 @@ def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
 
 
 @click.group()
-def main() -> None:
-    """Dagster work on taskiq workers over SQS that stops when you click Terminate."""
+@click.version_option(__version__, prog_name="dagster-taskiq-cancel")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Dagster work on taskiq workers over SQS that stops when you click Terminate.
+
+    While the demo runs (`dev`), every other command reaches it with no options: from the
+    folder it runs in, or with DAGSTER_HOME set to its dagster_home, a command takes the demo's
+    SQS endpoint and worker health port unless its options, dagster.yaml or DAGSTER_TASKIQ_*
+    name others.
+    """
+    if ctx.invoked_subcommand != "dev" and not ctx.resilient_parsing:
+        # A worker added by hand serves its own health port, not the demo worker's.
+        skip = (
+            {TaskiqCancelSettings.env_var("metrics_port")}
+            if ctx.invoked_subcommand == "worker"
+            else set()
+        )
+        note = join_running_demo(os.environ, Path.cwd(), skip)
+        if note:
+            click.echo(note, err=True)
 
 
 @main.command()
 @click.option("--workers", default=1, show_default=True, help="Worker processes to start.")
-@settings_options
+@settings_options()
 def worker(workers: int, **overrides: Any) -> None:
-    """Run worker processes: execute runs and steps, stop them when their run is cancelled."""
+    """Run worker processes: execute runs and steps, stop them when their run is cancelled.
+
+    Linux only. Its settings come from the TaskiqRunLauncher config in DAGSTER_HOME's
+    dagster.yaml, then DAGSTER_TASKIQ_*; these options override both.
+    """
+    require_linux()
     # Before the instance: Dagster's Postgres storage logs through the root logger while it
     # creates its schema, which would otherwise leave it at WARNING, without our format.
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     instance = load_worker_instance()
     settings = worker_settings(instance, overrides)  # checked here, before any child starts
     if workers > 1:
@@ -186,13 +236,13 @@ def _run_processes(args: list[str], count: int, settings: TaskiqCancelSettings) 
 @main.command()
 @click.option("--live", is_flag=True, help="Ask /healthz (loops alive) instead of /readyz.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for an answer.")
-@settings_options
+@settings_options(*HEALTH_SETTINGS)
 def health(live: bool, timeout: float, **overrides: Any) -> None:
     """Probe this host's worker: exit 0 if ready (or, with --live, alive), else 1.
 
     For container health checks without HTTP tools (ECS). It asks the worker's own endpoint, so
-    it reads metrics_port and metrics_host from the options and DAGSTER_TASKIQ_* only: it must
-    answer even when the run storage in dagster.yaml does not.
+    it reads metrics_port and metrics_host from the options and DAGSTER_TASKIQ_* only (or the
+    running demo's): it must answer even when the run storage in dagster.yaml does not.
     """
     from dagster_taskiq_cancel.worker.health import probe
 
@@ -211,7 +261,7 @@ def queues() -> None:
 
 
 @queues.command()
-@settings_options
+@settings_options(*QUEUE_SETTINGS)
 def create(**overrides: Any) -> None:
     """Create the three queues (idempotent)."""
     for name, url in admin(SyncQueues.create_all, overrides).items():
@@ -219,7 +269,7 @@ def create(**overrides: Any) -> None:
 
 
 @queues.command()
-@settings_options
+@settings_options(*QUEUE_SETTINGS)
 def purge(**overrides: Any) -> None:
     """Delete every message in the three queues."""
     admin(SyncQueues.purge_all, overrides)
@@ -235,7 +285,7 @@ def purge(**overrides: Any) -> None:
     help="Worker processes per replica (`worker --workers`): slots per replica = this times "
     "--concurrency.",
 )
-@settings_options
+@settings_options(*QUEUE_SETTINGS, "concurrency")
 def status(workers: int, **overrides: Any) -> None:
     """Print message counts per queue as JSON, and the main queue's backlog per worker slot."""
     depths, settings = admin(lambda q: (q.depths(), q.settings), overrides)
@@ -263,10 +313,22 @@ def status(workers: int, **overrides: Any) -> None:
     help="Log level of `dagster dev`; `warning` hides its daemon's lines for every sensor tick.",
 )
 def dev(port: int, workers: int, log_level: str) -> None:
-    """The demo: embedded SQS, queues, workers and `dagster dev` on ./workspace.yaml."""
+    """The demo: local SQS, queues, workers and `dagster dev` on ./workspace.yaml.
+
+    Its config is ./dagster_home/dagster.yaml (its Dagster home), checked before anything
+    starts. Needs the dev extra: pip install 'dagster-taskiq-cancel[dev]'.
+    """
     from dagster_taskiq_cancel.dev import run_dev
 
-    sys.exit(run_dev(port, workers, log_level))
+    require_linux()
+    try:
+        code = run_dev(port, workers, log_level)
+    except (DevError, SettingsError, SqsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+STATUS_CHOICES = [s.value for s in (*DEFAULT_STATUSES, DagsterRunStatus.CANCELING)]
 
 
 def _parse_tags(
@@ -305,10 +367,11 @@ def _echo_result(result: BulkCancelResult) -> None:
     "--status",
     "statuses",
     multiple=True,
-    type=click.Choice(
-        [s.value for s in (*DEFAULT_STATUSES, DagsterRunStatus.CANCELING)], case_sensitive=False
-    ),
-    help="Only runs in this status (repeatable) [default: QUEUED, NOT_STARTED, STARTING, STARTED].",
+    type=click.Choice(STATUS_CHOICES, case_sensitive=False),
+    metavar=f"[{'|'.join(STATUS_CHOICES)}]",
+    default=[s.value for s in DEFAULT_STATUSES],
+    show_default=True,
+    help="Only runs in this status (repeatable; any case).",
 )
 @click.option("--reason", default="", help="Why, for the audit trail in each run's event log.")
 @click.option(

@@ -1,11 +1,15 @@
 """``dagster-taskiq-cancel dev``: the demo stack, every process started here and stopped by pid.
 
-Embedded SQS (moto on 127.0.0.1) unless ``DAGSTER_TASKIQ_ENDPOINT_URL`` or real AWS settings are
-given, the queues, worker processes, and ``dagster dev`` on the workspace in the current folder.
+Embedded SQS (moto on 127.0.0.1) unless an endpoint or real AWS is configured, the queues, worker
+processes, and ``dagster dev`` on the workspace in the current folder. The demo's Dagster home is
+``./dagster_home``, and its ``dagster.yaml`` there is the demo's one config file: no copy of it
+elsewhere, and no ``dagster.yaml`` in the current folder for ``dagster dev`` to warn about.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -14,19 +18,95 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, MutableMapping
 from pathlib import Path
 
-from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, port_is_free
-from dagster_taskiq_cancel.queues import SqsError, SyncQueues
-from dagster_taskiq_cancel.settings import SettingsError, TaskiqCancelSettings, settings_from_env
+from dagster._core.errors import DagsterInvalidConfigError, DagsterInvariantViolationError
+
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer, free_port, port_is_free
+from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.settings import (
+    LAUNCHER_CONFIG,
+    TaskiqCancelSettings,
+    build_settings,
+    resolve_settings,
+    settings_from_env,
+)
 
 USE_AWS = "DAGSTER_TASKIQ_USE_AWS"
 BOOLEANS = {"": False, "0": False, "false": False, "1": True, "true": True}
+HOME_DIR = "dagster_home"
+# In the demo's home while it runs: the settings a CLI command needs to reach its SQS server and
+# its worker's health endpoint, which `dev` chose at start (free ports).
+RUNNING_FILE = "running-demo.json"
+# What `dev` imports or runs besides the package: the `dev` extra.
+DEV_MODULES = ("dagster_webserver", "dagster_graphql", "moto", "flask", "flask_cors")
+
+
+# Dagster's warning at every `dagster dev` that `dg dev` supersedes it: `dg` needs a dg project.
+SUPERSEDED = "ignore:Function `dev_command` is superseded"
+
+
+def command(proc: subprocess.Popen[bytes]) -> str:
+    """The module and subcommand a child runs (``dagster dev``), for a message."""
+    args = [str(arg) for arg in proc.args]  # type: ignore[union-attr]
+    start = args.index("-m") + 1
+    return " ".join(args[start : start + 2])
 
 
 class DevError(RuntimeError):
     """The demo cannot start; the message says why and what to do."""
+
+
+def missing_extra() -> None:
+    """Refuse to start without the packages of the `dev` extra, naming the install command."""
+    missing = [name for name in DEV_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DevError(
+            f"the demo needs the dev extra ({', '.join(missing)} not installed): "
+            "pip install 'dagster-taskiq-cancel[dev]'"
+        )
+
+
+def instance_problem(exc: DagsterInvalidConfigError | DagsterInvariantViolationError) -> str:
+    """A dagster.yaml Dagster cannot use, in one line: Dagster's first line and its reasons."""
+    if isinstance(exc, DagsterInvalidConfigError):
+        # Dagster's first line may end in the whole schema's repr: "… configuration for {…}."
+        first = exc.message.splitlines()[0].split(" for {", 1)[0].rstrip(".")
+        return f"{first}. {'; '.join(exc.error_messages)}"
+    return str(exc).splitlines()[0]
+
+
+def running_demo_settings(home: Path) -> dict[str, str]:
+    """The ``DAGSTER_TASKIQ_*`` values of the demo running in ``home``; none if none runs."""
+    try:
+        found = json.loads((home / RUNNING_FILE).read_text())
+        os.kill(found["pid"], 0)  # a demo killed by SIGKILL leaves its file behind
+        return {str(k): str(v) for k, v in found["environment"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def join_running_demo(
+    environ: MutableMapping[str, str], cwd: Path, skip: Collection[str] = ()
+) -> str | None:
+    """Point a CLI command at the demo running in ``DAGSTER_HOME`` (else in ``./dagster_home``).
+
+    Only what is not set already: its endpoint and worker health port (but no variable named in
+    ``skip``), and ``DAGSTER_HOME`` when unset, in which case the returned note says so.
+    """
+    note = None
+    home = environ.get("DAGSTER_HOME")
+    if not home:
+        found = running_demo_settings(cwd / HOME_DIR)
+        if not found:
+            return None
+        home = environ["DAGSTER_HOME"] = str(cwd / HOME_DIR)
+        note = f"DAGSTER_HOME is not set: using the running demo's, {home}"
+    for name, value in running_demo_settings(Path(home)).items():
+        if name not in skip and not environ.get(name):
+            environ[name] = value
+    return note
 
 
 def use_aws(env: Mapping[str, str]) -> bool:
@@ -74,19 +154,31 @@ def stop_tree(proc: subprocess.Popen[bytes], signum: int, timeout: float) -> Non
     proc.wait()
 
 
-def _create_storage(home: Path) -> None:
-    """Create the sqlite databases once, before several processes race to create them."""
+def checked_settings(home: Path, env: Mapping[str, str]) -> TaskiqCancelSettings:
+    """Every setting of the demo, checked before anything starts, as its processes will resolve
+    them in ``env``; creates the sqlite databases once, before several processes race to.
+
+    Dagster reads the instance's parts lazily: each is read here, so that a bad value is one
+    line now rather than tracebacks from the daemon and a worker that exits after the banner.
+    """
     from dagster import DagsterInstance
 
-    instance = DagsterInstance.from_config(str(home))
     try:
-        for storage in (
-            instance.run_storage,
-            instance.event_log_storage,
-            instance.schedule_storage,
-        ):
-            assert storage is not None
+        instance = DagsterInstance.from_config(str(home))
+    except (DagsterInvalidConfigError, DagsterInvariantViolationError) as exc:
+        raise DevError(f"{home / 'dagster.yaml'}: {instance_problem(exc)}") from None
+    try:
+        resolve_settings(instance)  # the launcher's config, as this process's environment sees it
+        instance.run_coordinator  # noqa: B018
         instance.get_runs(limit=1)
+        instance.schedule_storage  # noqa: B018
+        instance.event_log_storage  # noqa: B018
+        launcher = instance.run_launcher
+        ours = isinstance(getattr(launcher, "settings", None), TaskiqCancelSettings)
+        given = launcher.inst_data.config_dict if ours and launcher.inst_data else {}
+        return settings_from_env(given, environ=env, where=LAUNCHER_CONFIG)
+    except (DagsterInvalidConfigError, DagsterInvariantViolationError) as exc:
+        raise DevError(f"{home / 'dagster.yaml'}: {instance_problem(exc)}") from None
     finally:
         instance.dispose()
 
@@ -132,35 +224,49 @@ class DevStack:
         self.ui_port = ui_port
         self.workers = workers
         self.env = dict(env)
-        self.home = home or root / ".dagster_home"
+        self.home = home or root / HOME_DIR
         self.moto: MotoServer | None = None
+        self.settings: TaskiqCancelSettings | None = None  # once checked, as the workers see them
         self.processes: list[subprocess.Popen[bytes]] = []
 
     @property
     def ui_url(self) -> str:
         return f"http://127.0.0.1:{self.ui_port}"
 
+    @property
+    def config(self) -> Path:
+        """The demo's one config file (copied into ``home`` when that is another folder)."""
+        return self.root / HOME_DIR / "dagster.yaml"
+
     def start(self) -> None:
+        missing_extra()
         aws = use_aws(self.env)
         if not (self.root / "workspace.yaml").exists():
             raise DevError(f"no workspace.yaml in {self.root}: run this from the repository root")
+        if not self.config.exists():
+            raise DevError(f"no {HOME_DIR}/dagster.yaml in {self.root}: run this from the root")
         if not port_is_free(self.ui_port):
             raise DevError(f"port {self.ui_port} is taken: pass --port with a free one")
-        self.home.mkdir(exist_ok=True)
-        shutil.copy(self.root / "dagster.yaml", self.home / "dagster.yaml")
-        _create_storage(self.home)
+        if self.home != self.config.parent:  # a private home: the tests' and benchmarks'
+            self.home.mkdir(parents=True, exist_ok=True)
+            shutil.copy(self.config, self.home / "dagster.yaml")
+        checked = checked_settings(self.home, self.env)
         self.env["DAGSTER_HOME"] = str(self.home)
-        if not self.env.get(TaskiqCancelSettings.env_var("endpoint_url")) and not aws:
+        chosen: dict[str, str] = {}  # what the demo picks, given to its processes as variables
+        if not checked.endpoint_url and not aws:
             self.moto = MotoServer().start()
             self.env.update({k: self.env.get(k, v) for k, v in LOCAL_CREDENTIALS.items()})
-            self.env[TaskiqCancelSettings.env_var("endpoint_url")] = self.moto.endpoint_url
-        settings = settings_from_env(environ=self.env)
+            chosen["endpoint_url"] = self.moto.endpoint_url
+        if checked.metrics_port is None:  # so that `health` finds the demo's worker
+            chosen["metrics_port"] = str(free_port())
+        self.env.update({TaskiqCancelSettings.env_var(k): v for k, v in chosen.items()})
+        settings = build_settings({**checked.model_dump(), **chosen})
         SyncQueues(settings).create_all()
         if self.workers:
             self.processes.append(self.start_workers(self.workers))
-        args = [sys.executable, "-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
+        args = ["-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
         dagster = subprocess.Popen(
-            [*args, "--log-level", self.log_level],
+            [sys.executable, "-W", SUPERSEDED, *args, "--log-level", self.log_level],
             env=self.env,
             cwd=self.root,
             preexec_fn=_default_signals,
@@ -168,6 +274,34 @@ class DevStack:
         )
         self.processes.append(dagster)
         wait_http(f"{self.ui_url}/server_info", dagster, timeout=180)
+        self.settings = settings
+        self.running_file.write_text(
+            json.dumps({"pid": os.getpid(), "environment": self.cli_settings(settings)})
+        )
+
+    def banner(self) -> str:
+        endpoint = self.settings.endpoint_url if self.settings else None
+        return (
+            f"\nDagster UI: {self.ui_url}\n"
+            f"Config: {self.config}\n"
+            f"SQS: {endpoint or 'AWS'}, {self.workers} worker process(es); "
+            "`dagster-taskiq-cancel` commands run in this folder reach this demo.\n"
+            "Press Ctrl-C to stop everything.\n"
+        )
+
+    @property
+    def running_file(self) -> Path:
+        return self.home / RUNNING_FILE
+
+    @staticmethod
+    def cli_settings(settings: TaskiqCancelSettings) -> dict[str, str]:
+        """What a CLI command needs to reach this demo, as ``DAGSTER_TASKIQ_*`` values."""
+        chosen = {"endpoint_url": settings.endpoint_url, "metrics_port": settings.metrics_port}
+        return {
+            TaskiqCancelSettings.env_var(name): str(value)
+            for name, value in chosen.items()
+            if value is not None
+        }
 
     def start_workers(self, count: int) -> subprocess.Popen[bytes]:
         """Worker processes sharing the stack's instance and queues."""
@@ -179,6 +313,8 @@ class DevStack:
         )
 
     def stop(self) -> None:
+        if self.settings is not None:  # this stack wrote the file
+            self.running_file.unlink(missing_ok=True)
         for proc in reversed(self.processes):
             stop_tree(proc, signal.SIGINT, timeout=20)
         if self.moto is not None:
@@ -196,26 +332,20 @@ class DevStack:
         while not stop["signal"]:
             for proc in self.processes:
                 if proc.poll() is not None:
-                    print(f"{proc.args[2:4]} exited with {proc.returncode}; stopping", flush=True)  # type: ignore[index]
+                    print(f"{command(proc)} exited with {proc.returncode}; stopping", flush=True)
                     return 1
             time.sleep(0.2)
         return 0
 
 
 def run_dev(ui_port: int, workers: int, log_level: str = "info") -> int:
+    """Start the demo, wait for Ctrl-C, stop it; a DevError or SettingsError propagates after
+    whatever started is stopped, for the CLI to print as one line."""
     stack = DevStack(Path.cwd(), ui_port, workers, os.environ, log_level=log_level)
     try:
         stack.start()
-        print(
-            f"\nDagster UI: {stack.ui_url}\n"
-            f"SQS: {stack.env.get(TaskiqCancelSettings.env_var('endpoint_url'), 'AWS')}, "
-            f"{workers} worker process(es). Press Ctrl-C to stop everything.\n",
-            flush=True,
-        )
+        print(stack.banner(), flush=True)
         return stack.wait()
-    except (DevError, SettingsError, SqsError) as exc:
-        print(f"dagster-taskiq-cancel dev: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:  # Ctrl-C while starting: stop what started, quietly
         return 130
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any
 
 from dagster import DagsterInstance, DagsterRun
 from dagster import _check as check
@@ -16,6 +16,7 @@ from dagster._core.launcher import (
     RunLauncher,
 )
 from dagster._serdes import ConfigurableClass, ConfigurableClassData
+from typing_extensions import Self
 
 from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester

@@ -134,7 +134,7 @@ def _apply_ack(
             "step_key": ack.step_key,
             "detail": ack.detail,
             "request_id": ack.request_id,
-            "latency_seconds": latency,
+            "latency_seconds": None if latency is None else round(latency, 3),
         },
     )
     if ack.outcome == "cleanup_failed":

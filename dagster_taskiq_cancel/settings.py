@@ -52,7 +52,9 @@ class TaskiqCancelSettings(dg.Config):
     region_name: str = Field(default="us-east-1", description="AWS region of the queues.")
     endpoint_url: str | None = Field(
         default=None,
-        description="SQS endpoint, for a local server such as moto; None uses AWS.",
+        description=(
+            "SQS endpoint, for a local server such as moto; when unset, AWS's SQS in region_name."
+        ),
     )
     poll_interval_seconds: float = Field(
         default=1.0,
@@ -128,7 +130,7 @@ class TaskiqCancelSettings(dg.Config):
         le=65535,
         description=(
             "Port of the worker host's HTTP endpoint: /metrics (Prometheus), /healthz and "
-            "/readyz; one per host (with --workers N the parent serves all N). None: off."
+            "/readyz; one per host (with --workers N the parent serves all N). Unset: no endpoint."
         ),
     )
     metrics_host: str = Field(

@@ -9,6 +9,10 @@ import subprocess
 import sys
 import uuid
 
+from click.testing import CliRunner
+
+import dagster_taskiq_cancel
+from dagster_taskiq_cancel.cli import main
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
@@ -80,9 +84,9 @@ def test_missing_queue_and_bad_setting_are_clear_errors(sqs_server: LocalSqsServ
     )
     assert missing.returncode == 1
     assert "dagster-taskiq-cancel queues create" in missing.stderr
-    bad = cli("queues", "status", "--poll-interval-seconds", "-1")
+    bad = cli("queues", "status", "--concurrency", "0")
     assert bad.returncode == 1
-    assert "DAGSTER_TASKIQ_POLL_INTERVAL_SECONDS" in bad.stderr
+    assert "DAGSTER_TASKIQ_CONCURRENCY" in bad.stderr
 
 
 def test_worker_without_dagster_home_says_what_to_set() -> None:
@@ -172,3 +176,51 @@ def test_queues_status_prints_backlog_per_worker_slot(sqs_server: LocalSqsServer
     bad = cli("queues", "status", *args, "--workers", "0")
     assert bad.returncode == 2
     assert "--workers" in bad.stderr
+
+
+def test_each_command_lists_only_the_settings_it_reads() -> None:
+    """In-process (click's runner): help and version need no subprocess."""
+    every = {f"--{name.replace('_', '-')}" for name in TaskiqCancelSettings.model_fields}
+    for command, expected in [
+        (("queues", "create"), {"--queue-name", "--region-name", "--endpoint-url"}),
+        (("queues", "purge"), {"--queue-name", "--region-name", "--endpoint-url"}),
+        (
+            ("queues", "status"),
+            {"--queue-name", "--region-name", "--endpoint-url", "--concurrency"},
+        ),
+        (("health",), {"--metrics-port", "--metrics-host"}),
+        (("worker",), every),
+    ]:
+        usage = CliRunner().invoke(main, [*command, "--help"]).output
+        listed = {option for option in every if f"{option} " in usage}
+        assert listed == expected, command
+        assert "None" not in usage, command  # said in words: what happens when it is unset
+
+
+def test_version_and_cancel_statuses_in_one_case() -> None:
+    version = cli("--version")
+    assert version.returncode == 0
+    assert (
+        version.stdout.strip()
+        == f"dagster-taskiq-cancel, version {dagster_taskiq_cancel.__version__}"
+    )
+    usage = " ".join(CliRunner().invoke(main, ["cancel", "--help"]).output.split())
+    assert "--status [QUEUED|NOT_STARTED|STARTING|STARTED|CANCELING]" in usage
+    assert "[default: QUEUED, NOT_STARTED, STARTING, STARTED]" in usage
+
+
+def test_the_worker_and_the_demo_say_they_run_on_linux_only() -> None:
+    elsewhere = (  # after the imports, which read the real platform
+        "import sys; from dagster_taskiq_cancel.cli import main; sys.platform = 'darwin'; main()"
+    )
+    for command in ("worker", "dev"):
+        result = subprocess.run(
+            [sys.executable, "-c", elsewhere, command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("Error: the worker runs on Linux only"), line
+        assert "darwin" in line

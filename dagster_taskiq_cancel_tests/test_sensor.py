@@ -116,6 +116,13 @@ def test_killed_runs_ack_is_recorded_on_the_run_the_worker_already_ended(
         run_id, of_type=DagsterEventType.RUN_CANCELED
     ).records
     assert len(canceled) == 1
+    (ack,) = [
+        entry.dagster_event
+        for entry in deployment.instance.all_logs(run_id)
+        if entry.dagster_event and "acknowledged the cancel" in (entry.dagster_event.message or "")
+    ]
+    latency = ack.engine_event_data.metadata["latency_seconds"].value
+    assert 0 < latency == round(latency, 3)  # milliseconds, not 16 decimals
 
 
 @MOTO_ONLY

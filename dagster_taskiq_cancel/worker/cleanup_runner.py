@@ -60,7 +60,7 @@ async def _attempt(path: str, context: CleanupContext, env: Mapping[str, str]) -
     )
     try:
         _, stderr = await asyncio.wait_for(proc.communicate(), ATTEMPT_TIMEOUT_SECONDS)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin before Python 3.11
         proc.kill()
         await proc.wait()
         return f"timed out after {ATTEMPT_TIMEOUT_SECONDS:.0f}s"

@@ -58,6 +58,6 @@ async def kill(held: HeldTask) -> None:
 async def exits_within(held: HeldTask, seconds: float) -> bool:
     try:
         await asyncio.wait_for(held.exited.wait(), seconds)
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin before Python 3.11
         return False
     return True

@@ -360,7 +360,7 @@ class Worker:
             except Exception:
                 logger.exception("Run storage check failed; trying again next interval")
             metrics.loop_tick(metrics.POLL_LOOP)
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
             self._wake.clear()
 

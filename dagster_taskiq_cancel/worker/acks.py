@@ -83,7 +83,7 @@ class Acks:
                 self.broker.send_until_sent(self.broker.names.acks, body, ack.run_id, dedup_id),
                 self.retry_seconds,
             )
-        except TimeoutError:
+        except asyncio.TimeoutError:
             logger.error(
                 "Gave up sending the %s after %gs: the reconciliation sensor's timeout ends the "
                 "run instead",

@@ -180,7 +180,7 @@ class Worker:
                 metrics.task_not_started(task_id, step_key, "dropped")
                 return
             process = await children.spawn(admitted.argv, admitted.env)
-        except (NotClaimed, TimeoutError) as exc:
+        except (NotClaimed, asyncio.TimeoutError) as exc:
             # Not this worker's to fail (a timed-out admission may not have claimed either).
             await self._hand_back(task_id, run_id, step_key, attempt, resume, exc)
             return
@@ -296,7 +296,7 @@ class Worker:
         while True:
             try:
                 cleanup = await settling.attempt(self._storage_timeout)
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 logger.warning(
                     "Settling task %s: the run storage still does not answer", held.task_id
                 )

@@ -78,7 +78,11 @@ def test_endpoint_from_a_local_queue_url_but_not_from_aws() -> None:
 
 
 def test_settings_from_env_then_overrides() -> None:
-    env = {"DAGSTER_TASKIQ_QUEUE_NAME": "q", "DAGSTER_TASKIQ_GRACE_SECONDS": "3"}
+    env = {
+        "DAGSTER_TASKIQ_QUEUE_NAME": "q",
+        "DAGSTER_TASKIQ_GRACE_SECONDS": "3",
+        "DAGSTER_TASKIQ_SIGNING_KEYS": "k",
+    }
     settings = settings_from_env({"grace_seconds": 4, "concurrency": None}, environ=env)
     assert (settings.queue_name, settings.grace_seconds, settings.concurrency) == ("q", 4, 4)
     with pytest.raises(SettingsError, match="DAGSTER_TASKIQ_WAIT_TIME_SECONDS"):

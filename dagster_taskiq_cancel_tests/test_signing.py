@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from dagster import DagsterRunStatus
 
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import CancelRequest, Codec
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.stack import Deployment, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.key_jobs import keys_job, seen_keys, step_keys_job
+from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
 
 
 def test_signed_deployment_rejects_forgeries_and_still_cancels(
@@ -32,5 +34,26 @@ def test_signed_deployment_rejects_forgeries_and_still_cancels(
         wait_for(lambda: not pid_alive(pid), 15, "the signed cancel stops the run")
         deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
         assert "rejected" not in deployment.worker_log(0).split("2 rejected so far", 1)[1]
+    finally:
+        deployment.stop()
+
+
+@MOTO_ONLY  # the subject is the worker's children, not the SQS server
+def test_only_a_run_process_that_sends_steps_gets_the_keys(
+    tmp_path: Path, sqs_server: LocalSqsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys in the environment (rotating: two of them) reach the run process of a
+    ``taskiq_executor`` run, which signs its step tasks, and no op: neither in the run process
+    of a run on Dagster's own executor, nor in a step process."""
+    monkeypatch.setenv("DAGSTER_TASKIQ_SIGNING_KEYS", "new-key,old-key")
+    deployment = Deployment(tmp_path, sqs_server.endpoint_url)
+    try:
+        deployment.start_worker()
+        config = {"ops": {"note_keys": {"config": {"marker_dir": str(deployment.markers)}}}}
+        runs = [deployment.launch(job, run_config=config) for job in (keys_job, step_keys_job)]
+        for run_id in runs:
+            deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=180)
+            assert seen_keys(deployment.markers, run_id) == ["-"], "no op sees a key"
+        assert "rejected" not in deployment.worker_log(0), "the step task was signed"
     finally:
         deployment.stop()

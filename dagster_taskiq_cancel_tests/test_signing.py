@@ -29,6 +29,7 @@ def test_signed_deployment_rejects_forgeries_and_still_cancels(
         deployment.queues.send(cancels, CancelRequest(run_id=run_id).to_json(), run_id, "plain")
         wait_for(lambda: "2 rejected so far" in deployment.worker_log(0), 30, "two rejections")
         assert "team-secret" not in deployment.worker_log(0)
+        assert "signing_key is written in dagster.yaml" in deployment.worker_log(0)
         assert pid_alive(pid), "a rejected message never stops anything"
         assert deployment.instance.run_launcher.terminate(run_id)
         wait_for(lambda: not pid_alive(pid), 15, "the signed cancel stops the run")

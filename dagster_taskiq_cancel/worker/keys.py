@@ -9,12 +9,20 @@ trust). Keys written into dagster.yaml itself travel with the instance and canno
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from dagster import DagsterInstance, DagsterRun
 
 from dagster_taskiq_cancel.executor import EXECUTOR_NAME
-from dagster_taskiq_cancel.settings import KEY_ENV_VARS, KEY_WITHHELD_ENV
+from dagster_taskiq_cancel.settings import (
+    KEY_ENV_VARS,
+    KEY_WITHHELD_ENV,
+    SECRET_FIELDS,
+    TaskiqCancelSettings,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def sends_steps(instance: DagsterInstance, run: DagsterRun) -> bool:
@@ -30,3 +38,18 @@ def child_env(env: Mapping[str, str], keep_keys: bool) -> dict[str, str]:
     if keep_keys:
         return dict(env)
     return {**env, **dict.fromkeys(KEY_ENV_VARS, ""), KEY_WITHHELD_ENV: "1"}
+
+
+def warn_if_written(instance: DagsterInstance) -> None:
+    """Warn when dagster.yaml holds a key itself (not ``{env: …}``): it then travels with the
+    instance to every child, and the UI shows it on its configuration page."""
+    data = getattr(instance.run_launcher, "inst_data", None)
+    config = data.config_dict if data is not None else {}
+    for name in sorted(SECRET_FIELDS & config.keys()):
+        if isinstance(config[name], str):
+            logger.warning(
+                "%s is written in dagster.yaml: every run and step process gets it with the "
+                "instance, and the UI shows it; give it as %s in the environment instead",
+                name,
+                TaskiqCancelSettings.env_var(name),
+            )

@@ -10,7 +10,6 @@ defaults (``resolve_settings`` with an instance, ``current_settings`` without on
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -41,7 +40,7 @@ LARGE_PAYLOAD_DEFAULT = 256 * 1024
 LARGE_PAYLOAD_MAX = 1024 * 1024  # SQS's largest message
 # Set by a worker in the environment of a child it gives no signing key (it sends no tasks).
 KEY_WITHHELD_ENV = f"{ENV_PREFIX}KEY_WITHHELD"
-LOCAL_HOSTS = frozenset({"localhost"})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class TaskiqCancelSettings(dg.Config):
@@ -264,15 +263,22 @@ def build_settings(values: Mapping[str, Any], where: str = CONFIG) -> TaskiqCanc
         raise SettingsError(describe(problems, where)) from None
 
 
+def endpoint_for(settings: TaskiqCancelSettings) -> str | None:
+    """The SQS endpoint: explicit, or taken from a queue URL given as ``queue_name``; None: AWS."""
+    if settings.endpoint_url:
+        return settings.endpoint_url
+    if "://" in settings.queue_name:
+        scheme, rest = settings.queue_name.split("://", 1)
+        host = rest.split("/", 1)[0]
+        if not host.startswith("sqs.") or not host.endswith("amazonaws.com"):
+            return f"{scheme}://{host}"
+    return None
+
+
 def is_local(endpoint_url: str | None) -> bool:
     """Whether the SQS endpoint is on this machine (the demo's, the tests'); None is AWS."""
     host = urlsplit(endpoint_url).hostname if endpoint_url else None
-    if host is None:
-        return False
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host.lower() in LOCAL_HOSTS
+    return host in LOOPBACK_HOSTS
 
 
 def checked(
@@ -297,11 +303,11 @@ def checked(
     elif not (
         settings.keyring
         or settings.allow_unsigned
-        or is_local(settings.endpoint_url)
+        or is_local(endpoint_for(settings))
         or env.get(KEY_WITHHELD_ENV)
     ):
         problem = (
-            f"no signing key for the SQS endpoint {settings.endpoint_url or 'AWS'}: set "
+            f"no signing key for the SQS endpoint {endpoint_for(settings) or 'AWS'}: set "
             f"{keys_var} (else anyone who can send to the queues can start work and end "
             f"cancelled runs), or allow_unsigned: true in {where} to accept that"
         )

@@ -54,6 +54,14 @@ def test_an_endpoint_on_this_machine_runs_unsigned(endpoint: str) -> None:
     assert settings_from_env(environ=_env(endpoint)).keyring == ()
 
 
+def test_the_endpoint_of_a_queue_url_counts() -> None:
+    local = {"DAGSTER_TASKIQ_QUEUE_NAME": "http://localhost:4566/000000000000/q"}
+    assert settings_from_env(environ=local).keyring == ()
+    aws = {"DAGSTER_TASKIQ_QUEUE_NAME": "https://sqs.eu-west-1.amazonaws.com/123456789012/q"}
+    with pytest.raises(SettingsError, match="endpoint AWS"):
+        settings_from_env(environ=aws)
+
+
 def test_the_resource_needs_the_key_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

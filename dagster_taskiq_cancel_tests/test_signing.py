@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 from dagster import DagsterRunStatus
 
-from dagster_taskiq_cancel.local_sqs import LocalSqsServer
+from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, LocalSqsServer
 from dagster_taskiq_cancel.messages import CancelRequest, Codec
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.key_jobs import keys_job, seen_keys, step_keys_job
@@ -45,15 +46,27 @@ def test_only_a_run_process_that_sends_steps_gets_the_keys(
 ) -> None:
     """Keys in the environment (rotating: two of them) reach the run process of a
     ``taskiq_executor`` run, which signs its step tasks, and no op: neither in the run process
-    of a run on Dagster's own executor, nor in a step process."""
+    of a run on Dagster's own executor, nor in a step process. The endpoint is named as a
+    remote one would be, so that it needs the keys; with resume on, every child builds the
+    launcher (from its settings) as it loads the instance, keys or none."""
+    alias = socket.gethostname()
+    if socket.gethostbyname(alias) != "127.0.0.1":
+        pytest.skip(f"this host's name {alias} does not resolve to 127.0.0.1")
     monkeypatch.setenv("DAGSTER_TASKIQ_SIGNING_KEYS", "new-key,old-key")
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url)
+    for name, value in LOCAL_CREDENTIALS.items():  # not local by name: no dummy credentials
+        monkeypatch.setenv(name, value)
+    endpoint = sqs_server.endpoint_url.replace("127.0.0.1", alias)
+    resume = {"run_monitoring": {"enabled": True, "max_resume_run_attempts": 1}}
+    deployment = Deployment(tmp_path, endpoint, instance_config=resume)
     try:
         deployment.start_worker()
         config = {"ops": {"note_keys": {"config": {"marker_dir": str(deployment.markers)}}}}
         runs = [deployment.launch(job, run_config=config) for job in (keys_job, step_keys_job)]
         for run_id in runs:
-            deployment.wait_status(run_id, {DagsterRunStatus.SUCCESS}, timeout=180)
+            deployment.wait_status(
+                run_id, {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE}, 180
+            )
+            assert deployment.status(run_id) == DagsterRunStatus.SUCCESS, "children load"
             assert seen_keys(deployment.markers, run_id) == ["-"], "no op sees a key"
         assert "rejected" not in deployment.worker_log(0), "the step task was signed"
     finally:

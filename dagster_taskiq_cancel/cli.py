@@ -291,10 +291,9 @@ def status(workers: int, **overrides: Any) -> None:
     depths, settings = admin(lambda q: (q.depths(), q.settings), overrides)
     main_depth = depths[QueueNames.from_setting(settings.queue_name).main]
     main_depth.update(backlog_figures(main_depth, workers * settings.concurrency))
-    signed = settings.signing_key is not None
-    if not signed:
+    if not settings.keyring:
         click.echo(
-            "Warning: no signing key is set (DAGSTER_TASKIQ_SIGNING_KEY): anyone who can send "
+            "Warning: no signing key is set (DAGSTER_TASKIQ_SIGNING_KEYS): anyone who can send "
             "to the queues can forge cancel requests and acks, and an ack can rewrite a "
             "CANCELED run's status. Set one on every component in production.",
             err=True,

@@ -11,6 +11,10 @@ from dagster._core.executor.step_delegating import StepDelegatingExecutor
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, resolve_settings
 from dagster_taskiq_cancel.step_handler import TaskiqStepHandler
 
+# The executor's name, as Dagster records it in each run's execution plan (a worker reads it
+# there to tell a run process that sends step tasks, and so needs the signing keys).
+EXECUTOR_NAME = "taskiq"
+
 
 def _config_schema() -> dict[str, dg.Field]:
     """The settings fields (optional, falling back to the launcher) plus the step limits.
@@ -46,7 +50,7 @@ def _health_check_interval(settings: TaskiqCancelSettings) -> int:
 
 
 @dg.executor(
-    name="taskiq",
+    name=EXECUTOR_NAME,
     config_schema=_config_schema(),
     requirements=dg.multiple_process_executor_requirements(),
 )

@@ -81,54 +81,59 @@ M = TypeVar("M", bound=_Message)
 
 
 class Codec:
-    """Message bodies on the wire: plain JSON, or signed when a key is configured.
+    """Message bodies on the wire: plain JSON, or signed when keys are configured.
 
     A signed body is ``{"signed": <message JSON>, "ts": <epoch>, "mac": <hex>}`` with the
-    HMAC-SHA256 of ``"<ts>.<message JSON>"``. With a key, only well signed bodies are accepted
-    (of the kinds that expire, only fresh ones); without one, both forms are read as hints (the
-    run storage decides anyway).
+    HMAC-SHA256 of ``"<ts>.<message JSON>"``. The first key signs; a body signed with any of
+    them is accepted, so that a key can be rotated in without a moment where senders and
+    receivers disagree. With keys, only well signed bodies are accepted (of the kinds that
+    expire, only fresh ones); without, both forms are read as hints (the run storage decides).
     """
 
-    def __init__(self, key: str | None = None, max_age_seconds: float = 300.0) -> None:
-        self._key = key.encode() if key else None
+    def __init__(self, *keys: str, max_age_seconds: float = 300.0) -> None:
+        self._keys = tuple(key.encode() for key in keys)
         self.max_age_seconds = max_age_seconds
 
     @property
     def signed(self) -> bool:
-        """Whether every accepted message was verified against the key (else: hints only)."""
-        return self._key is not None
+        """Whether every accepted message was verified against a key (else: hints only)."""
+        return bool(self._keys)
 
-    def _mac(self, ts: float, inner: str) -> str:
-        assert self._key is not None
-        return hmac.new(self._key, _utf8(f"{ts!r}.{inner}"), hashlib.sha256).hexdigest()
+    def _macs(self, data: bytes) -> list[str]:
+        """``data``'s MAC under each key, the signing key's first."""
+        return [hmac.new(key, data, hashlib.sha256).hexdigest() for key in self._keys]
+
+    def _verifies(self, data: bytes, mac: str) -> bool:
+        """Whether ``mac`` is the MAC of ``data`` under any key (each compared in constant time)."""
+        given = _utf8(mac)
+        return any([hmac.compare_digest(given, _utf8(m)) for m in self._macs(data)])
 
     def mac(self, payload: str) -> str | None:
         """HMAC-SHA256 of ``payload`` (a task's name, id and arguments); None without a key."""
-        if self._key is None:
-            return None
-        return hmac.new(self._key, _utf8(payload), hashlib.sha256).hexdigest()
+        return self._macs(_utf8(payload))[0] if self._keys else None
 
     def mac_error(self, payload: str, mac: str | None) -> str | None:
-        """Why ``mac`` does not sign ``payload`` under the key, or None when it does (or no key).
+        """Why ``mac`` does not sign ``payload`` under a key, or None when it does (or no key).
 
         Tasks are not checked for freshness: one may wait in a backlog for hours, and a replayed
         task is dropped as a duplicate by its claim in the run storage.
         """
-        expected = self.mac(payload)
-        if expected is None:
+        if not self._keys:
             return None
         if mac is None:
             return "unsigned task rejected: a signing key is configured"
-        if not hmac.compare_digest(_utf8(mac), _utf8(expected)):
+        if not self._verifies(_utf8(payload), mac):
             return "bad task signature"
         return None
 
     def dumps(self, message: _Message) -> str:
         inner = message.to_json()
-        if self._key is None:
-            return inner
+        return self.seal(inner) if self._keys else inner
+
+    def seal(self, inner: str) -> str:
+        """``inner`` in an envelope signed now with the first key."""
         ts = time.time()
-        return json.dumps({"signed": inner, "ts": ts, "mac": self._mac(ts, inner)})
+        return json.dumps({"signed": inner, "ts": ts, "mac": self._macs(_stamped(ts, inner))[0]})
 
     def loads(self, kind: type[M], body: str | bytes) -> M:
         """Verify (when keyed) and validate ``body``; ``MalformedMessage`` says why not."""
@@ -137,16 +142,21 @@ class Codec:
             raise MalformedMessage(f"body of {len(raw)} bytes exceeds {MAX_BODY_BYTES}")
         envelope = _envelope(raw)
         if envelope is None:
-            if self._key is not None:
+            if self._keys:
                 raise MalformedMessage("unsigned message rejected: a signing key is configured")
             return parse_message(kind, raw)
         inner, ts, mac = envelope
-        if self._key is not None:
-            if not hmac.compare_digest(mac, self._mac(ts, inner)):
+        if self._keys:
+            if not self._verifies(_stamped(ts, inner), mac):
                 raise MalformedMessage("bad signature")
             if kind.expires and abs(time.time() - ts) > self.max_age_seconds:
                 raise MalformedMessage(f"stale signature ({time.time() - ts:.0f}s old)")
         return parse_message(kind, inner)
+
+
+def _stamped(ts: float, inner: str) -> bytes:
+    """What a message's MAC covers: its time stamp and its JSON."""
+    return _utf8(f"{ts!r}.{inner}")
 
 
 def _utf8(body: str | bytes) -> bytes:
@@ -201,4 +211,4 @@ def parse_message(kind: type[M], body: str | bytes) -> M:
 
 
 def codec_for(settings: TaskiqCancelSettings) -> Codec:
-    return Codec(settings.signing_key, settings.signature_max_age_seconds)
+    return Codec(*settings.keyring, max_age_seconds=settings.signature_max_age_seconds)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +18,9 @@ from botocore.config import Config as BotoConfig
 
 from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS
 from dagster_taskiq_cancel.payloads import S3_CONFIG, plan_offload
-from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.settings import TaskiqCancelSettings, endpoint_for, is_local
 
 FIFO_SUFFIX = ".fifo"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class SqsError(RuntimeError):
@@ -56,18 +54,6 @@ class QueueNames:
         return cls(main=name, cancels=f"{base}-cancels{suffix}", acks=f"{base}-cancel-acks{suffix}")
 
 
-def endpoint_for(settings: TaskiqCancelSettings) -> str | None:
-    """The endpoint: explicit, or taken from a queue URL given as ``queue_name``."""
-    if settings.endpoint_url:
-        return settings.endpoint_url
-    if "://" in settings.queue_name:
-        scheme, rest = settings.queue_name.split("://", 1)
-        host = rest.split("/", 1)[0]
-        if not host.startswith("sqs.") or not host.endswith("amazonaws.com"):
-            return f"{scheme}://{host}"
-    return None
-
-
 def local_credentials(endpoint_url: str | None) -> dict[str, str]:
     """Dummy credentials for a server on this machine when the environment names none.
 
@@ -75,9 +61,8 @@ def local_credentials(endpoint_url: str | None) -> dict[str, str]:
     without some: a new user's first `make dev` or `queues create` against 127.0.0.1 should not
     need AWS variables. Credentials from the environment, or a profile, are always used as given.
     """
-    host = urllib.parse.urlsplit(endpoint_url).hostname if endpoint_url else None
     if (
-        host not in LOOPBACK_HOSTS
+        not is_local(endpoint_url)
         or os.environ.get("AWS_ACCESS_KEY_ID")
         or os.environ.get("AWS_PROFILE")
     ):

@@ -12,6 +12,7 @@ from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cancel import request_cancel
 from dagster_taskiq_cancel.queues import QueueNames, SyncQueues
 from dagster_taskiq_cancel.settings import (
+    SECRET_FIELDS,
     TaskiqCancelSettings,
     current_settings,
     resolve_settings,
@@ -34,11 +35,11 @@ class TaskiqCancelResource(dg.ConfigurableResource, TaskiqCancelSettings):
     def from_env(cls, **overrides: Any) -> TaskiqCancelResource:
         """Pinned to the ``DAGSTER_TASKIQ_*`` variables of this process, then ``overrides``.
 
-        The signing key is given as an ``EnvVar``, so the UI shows the variable, not the key.
+        The signing keys are given as ``EnvVar``s, so the UI shows the variable, not the key.
         """
         values = settings_from_env(overrides).model_dump(exclude_none=True)
-        if "signing_key" in values and "signing_key" not in overrides:
-            values["signing_key"] = dg.EnvVar(TaskiqCancelSettings.env_var("signing_key"))
+        for name in SECRET_FIELDS & values.keys() - overrides.keys():
+            values[name] = dg.EnvVar(TaskiqCancelSettings.env_var(name))
         return cls(**values)
 
     def given(self) -> dict[str, Any]:

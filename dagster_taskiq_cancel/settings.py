@@ -13,6 +13,7 @@ import difflib
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 from dagster._config.errors import (
@@ -21,7 +22,7 @@ from dagster._config.errors import (
     RuntimeMismatchErrorData,
 )
 from dagster._core.errors import DagsterInvalidConfigError
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -37,10 +38,16 @@ EXPECTED = {
 }
 LARGE_PAYLOAD_DEFAULT = 256 * 1024
 LARGE_PAYLOAD_MAX = 1024 * 1024  # SQS's largest message
+# Set by a worker in the environment of a child it gives no signing key (it sends no tasks).
+KEY_WITHHELD_ENV = f"{ENV_PREFIX}KEY_WITHHELD"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class TaskiqCancelSettings(dg.Config):
     """Where the queues are and how quickly cancellation acts."""
+
+    # An infinite or NaN time is no deadline: a stop would never reach SIGKILL.
+    model_config = ConfigDict(allow_inf_nan=False)
 
     queue_name: str = Field(
         default="dagster-taskiq",
@@ -158,12 +165,25 @@ class TaskiqCancelSettings(dg.Config):
         ),
     )
 
-    signing_key: str | None = Field(
+    signing_keys: str | None = Field(
         default=None,
         repr=False,
         description=(
-            "Shared key for HMAC-SHA256 signatures on cancel requests and acks; when set, "
-            "unsigned, badly signed or stale messages are rejected. Prefer the environment."
+            "Shared keys for HMAC-SHA256 signatures on tasks, cancel requests and acks, comma "
+            "separated: the first signs, any verifies (rotation). When set, unsigned, badly "
+            "signed or stale messages are rejected. Give it in the environment only."
+        ),
+    )
+    signing_key: str | None = Field(
+        default=None,
+        repr=False,
+        description="One signing key: the same as signing_keys with one key (set one of them).",
+    )
+    allow_unsigned: bool = Field(
+        default=False,
+        description=(
+            "Run with no signing key on an SQS endpoint that is not on this machine (AWS): "
+            "anyone who can send to the queues can then start work and end cancelled runs."
         ),
     )
     signature_max_age_seconds: float = Field(
@@ -179,9 +199,21 @@ class TaskiqCancelSettings(dg.Config):
         """The environment variable that sets ``field_name``."""
         return f"{ENV_PREFIX}{field_name.upper()}"
 
+    @property
+    def keyring(self) -> tuple[str, ...]:
+        """The signing keys, the one that signs first; empty when messages are not signed.
+
+        An empty value is no key: a worker gives its children the variables empty, so that a
+        dagster.yaml that reads them (``{env: …}``) still loads there (``KEY_WITHHELD_ENV``).
+        """
+        if self.signing_keys:
+            return tuple(key.strip() for key in self.signing_keys.split(","))
+        return (self.signing_key,) if self.signing_key else ()
+
 
 # Never in run config: run config is stored with the run and shown in the UI and over GraphQL.
-SECRET_FIELDS = frozenset({"signing_key"})
+SECRET_FIELDS = frozenset({"signing_key", "signing_keys"})
+KEY_ENV_VARS = frozenset(TaskiqCancelSettings.env_var(name) for name in SECRET_FIELDS)
 
 
 def config_fields(secrets: bool = True) -> dict[str, dg.Field]:
@@ -218,7 +250,7 @@ def settings_from_env(
         if raw not in (None, ""):
             values[name] = raw
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return build_settings(values, where)
+    return checked(build_settings(values, where), where, env)
 
 
 def build_settings(values: Mapping[str, Any], where: str = CONFIG) -> TaskiqCancelSettings:
@@ -231,6 +263,59 @@ def build_settings(values: Mapping[str, Any], where: str = CONFIG) -> TaskiqCanc
             for err in exc.errors()
         ]
         raise SettingsError(describe(problems, where)) from None
+
+
+def endpoint_for(settings: TaskiqCancelSettings) -> str | None:
+    """The SQS endpoint: explicit, or taken from a queue URL given as ``queue_name``; None: AWS."""
+    if settings.endpoint_url:
+        return settings.endpoint_url
+    if "://" in settings.queue_name:
+        scheme, rest = settings.queue_name.split("://", 1)
+        host = rest.split("/", 1)[0]
+        if not host.startswith("sqs.") or not host.endswith("amazonaws.com"):
+            return f"{scheme}://{host}"
+    return None
+
+
+def is_local(endpoint_url: str | None) -> bool:
+    """Whether the SQS endpoint is on this machine (the demo's, the tests'); None is AWS."""
+    host = urlsplit(endpoint_url).hostname if endpoint_url else None
+    return host in LOOPBACK_HOSTS
+
+
+def checked(
+    settings: TaskiqCancelSettings, where: str, environ: Mapping[str, str] | None = None
+) -> TaskiqCancelSettings:
+    """``settings`` once their keys are usable: given in one form, none empty, and some key
+    unless the endpoint is local, ``allow_unsigned`` says so, or a worker withheld the key from
+    this process (``KEY_WITHHELD_ENV``: it sends nothing a worker must trust)."""
+    env = os.environ if environ is None else environ
+    keys_var = TaskiqCancelSettings.env_var("signing_keys")
+    where_keys = f"in {where} or as {keys_var}"
+    problem = None
+    if settings.signing_keys and settings.signing_key:
+        problem = (
+            f"signing_key and signing_keys are both set: keep signing_keys alone ({where_keys})"
+        )
+    elif any(not key for key in settings.keyring):
+        problem = (
+            "signing_keys has an empty key: give the keys comma separated, the signing one first "
+            f"({where_keys})"
+        )
+    elif not (
+        settings.keyring
+        or settings.allow_unsigned
+        or is_local(endpoint_for(settings))
+        or env.get(KEY_WITHHELD_ENV)
+    ):
+        problem = (
+            f"no signing key for the SQS endpoint {endpoint_for(settings) or 'AWS'}: set "
+            f"{keys_var} (else anyone who can send to the queues can start work and end "
+            f"cancelled runs), or allow_unsigned: true in {where} to accept that"
+        )
+    if problem:
+        raise SettingsError(f"Invalid dagster-taskiq-cancel settings: {problem}")
+    return settings
 
 
 def describe(problems: list[tuple[str, Any, str]], where: str) -> str:
@@ -293,7 +378,7 @@ def resolve_settings(
     if not isinstance(configured, TaskiqCancelSettings):
         return settings_from_env(overrides)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return build_settings({**configured.model_dump(), **given})
+    return checked(build_settings({**configured.model_dump(), **given}), CONFIG)
 
 
 def current_settings(overrides: Mapping[str, Any] | None = None) -> TaskiqCancelSettings:

@@ -73,14 +73,22 @@ def _load(attributes_by_component: dict[Any, dict[str, Any]]) -> dg.Definitions:
 def test_resource_sensor_and_executor_load_from_a_defs_folder() -> None:
     defs = _load(
         {
-            TaskiqCancelResourceComponent: {"queue_name": "q-from-yaml", "grace_seconds": 3},
+            TaskiqCancelResourceComponent: {
+                "queue_name": "q-from-yaml",
+                "grace_seconds": 3,
+                "allow_unsigned": True,  # AWS, as no endpoint is given, and no key
+            },
             CancelReconciliationSensorComponent: {"minimum_interval_seconds": 7},
             TaskiqExecutorComponent: {"poll_interval_seconds": 0.5, "max_concurrent": 2},
         }
     )
     resource = defs.resources["taskiq"]  # type: ignore[index]
     assert isinstance(resource, TaskiqCancelResource)
-    assert resource.given() == {"queue_name": "q-from-yaml", "grace_seconds": 3}
+    assert resource.given() == {
+        "queue_name": "q-from-yaml",
+        "grace_seconds": 3,
+        "allow_unsigned": True,
+    }
     assert resource.settings.queue_name == "q-from-yaml"
     sensor = defs.resolve_sensor_def("cancel_reconciliation_sensor")
     assert sensor.minimum_interval_seconds == 7

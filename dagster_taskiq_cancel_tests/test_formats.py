@@ -78,7 +78,11 @@ def test_endpoint_from_a_local_queue_url_but_not_from_aws() -> None:
 
 
 def test_settings_from_env_then_overrides() -> None:
-    env = {"DAGSTER_TASKIQ_QUEUE_NAME": "q", "DAGSTER_TASKIQ_GRACE_SECONDS": "3"}
+    env = {
+        "DAGSTER_TASKIQ_QUEUE_NAME": "q",
+        "DAGSTER_TASKIQ_GRACE_SECONDS": "3",
+        "DAGSTER_TASKIQ_SIGNING_KEYS": "k",
+    }
     settings = settings_from_env({"grace_seconds": 4, "concurrency": None}, environ=env)
     assert (settings.queue_name, settings.grace_seconds, settings.concurrency) == ("q", 4, 4)
     with pytest.raises(SettingsError, match="DAGSTER_TASKIQ_WAIT_TIME_SECONDS"):
@@ -122,19 +126,21 @@ def test_signed_messages_verify_and_reject_unsigned_forged_and_stale() -> None:
         stale.loads(CancelRequest, signed)
 
 
-def test_signing_key_is_never_shown() -> None:
-    settings = TaskiqCancelSettings(signing_key="s3cret")
+@pytest.mark.parametrize("name", ["signing_key", "signing_keys"])
+def test_signing_key_is_never_shown(name: str) -> None:
+    settings = TaskiqCancelSettings(**{name: "s3cret"})
     assert "s3cret" not in repr(settings)
     assert "s3cret" not in str(settings)
 
 
+@pytest.mark.parametrize("name", ["signing_key", "signing_keys"])
 def test_the_signing_key_is_never_run_config_nor_a_literal_resource_value(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     """Run config and literal resource values are shown in the UI and over GraphQL."""
-    assert "signing_key" not in taskiq_executor.config_schema.as_field().config_type.fields
-    monkeypatch.setenv("DAGSTER_TASKIQ_SIGNING_KEY", "team-secret")
+    assert name not in taskiq_executor.config_schema.as_field().config_type.fields
+    monkeypatch.setenv(TaskiqCancelSettings.env_var(name), "team-secret")
     resource = TaskiqCancelResource.from_env()
-    assert isinstance(resource.signing_key, dg.EnvVar)
+    assert isinstance(getattr(resource, name), dg.EnvVar)
     assert "team-secret" not in repr(dict(resource))  # the field values the UI shows
-    assert resource.settings.signing_key == "team-secret"
+    assert resource.settings.keyring == ("team-secret",)

@@ -3,6 +3,7 @@ then DAGSTER_TASKIQ_*, then the defaults; for the queue commands, the resource a
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from pathlib import Path
@@ -70,6 +71,7 @@ def test_resource_with_no_arguments_resolves_in_the_same_order(
     home = home_with_launcher(tmp_path, queue_name="from-yaml", grace_seconds=3)
     monkeypatch.setenv("DAGSTER_TASKIQ_QUEUE_NAME", "from-env")
     monkeypatch.setenv("DAGSTER_TASKIQ_NOTICE_SECONDS", "7")
+    monkeypatch.setenv("DAGSTER_TASKIQ_SIGNING_KEYS", "k")  # AWS (no endpoint) needs a key
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     plain = dg.DagsterInstance.ephemeral()  # an instance with Dagster's own launcher
     with dg.build_resources({"taskiq": TaskiqCancelResource()}, instance=plain) as res:
@@ -117,12 +119,16 @@ def test_sensor_with_the_readme_resource_uses_the_launcher_settings(
 
 
 # (launcher config, what the one line must name besides dagster.yaml): a wrong type Dagster's
-# schema rejects, a value our settings reject, a misspelt field, a config that is no mapping.
+# schema rejects, a value our settings reject, a misspelt field, a config that is no mapping,
+# an infinite time, no signing key for AWS, a key list with a hole.
 BAD_LAUNCHER_CONFIGS: list[tuple[object, list[str]]] = [
     ({"poll_interval_seconds": "abc"}, ["poll_interval_seconds='abc'", "DAGSTER_TASKIQ_"]),
     ({"grace_seconds": -1}, ["grace_seconds=-1", "DAGSTER_TASKIQ_GRACE_SECONDS"]),
     ({"poll_interval": 1}, ["poll_interval=1", "did you mean poll_interval_seconds"]),
     ("abc", ["run_launcher:config must be dict"]),
+    ({"grace_seconds": math.inf}, ["grace_seconds=inf", "DAGSTER_TASKIQ_GRACE_SECONDS"]),
+    ({}, ["no signing key for the SQS endpoint AWS", "DAGSTER_TASKIQ_SIGNING_KEYS"]),
+    ({"signing_keys": "a,,b"}, ["empty key", "DAGSTER_TASKIQ_SIGNING_KEYS"]),
 ]
 
 

@@ -26,7 +26,7 @@ from dagster._serdes import serialize_value
 from dagster_taskiq_cancel import claims, metrics
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV
 from dagster_taskiq_cancel.tasks import TASK_ID_TAG, WORKER_ID_TAG, claim_tag
-from dagster_taskiq_cancel.worker import children
+from dagster_taskiq_cancel.worker import children, keys
 from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, has_ended, is_cancelled
 from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
@@ -87,7 +87,7 @@ class Gate:
         )
         command = "resume_run" if resume else "execute_run"
         argv = children.dagster_api_argv(command, serialize_value(run_args))
-        return Admitted(run, argv, self.child_env({}))
+        return Admitted(run, argv, self.child_env({}, keys.sends_steps(self.instance, run)))
 
     def _claim(
         self, task_id: str, run_id: str, step_key: str | None, resume: bool
@@ -168,7 +168,9 @@ class Gate:
                 "Could not tag run %s with its claim of %s: %s", run.run_id, task_id, exc
             )
 
-    def child_env(self, extra: Mapping[str, str]) -> dict[str, str]:
-        """The worker's environment for a child, with its own cancel deadline file."""
+    def child_env(self, extra: Mapping[str, str], keep_keys: bool = False) -> dict[str, str]:
+        """The worker's environment for a child, with its own cancel deadline file; the signing
+        keys only if it sends step tasks (``keys``)."""
         cancel_file = self.cancel_dir / f"{uuid.uuid4().hex}.deadline"
-        return metrics.child_env({**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)})
+        env = metrics.child_env({**os.environ, **extra, CANCEL_FILE_ENV: str(cancel_file)})
+        return keys.child_env(env, keep_keys)

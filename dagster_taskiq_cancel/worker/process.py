@@ -17,7 +17,7 @@ from taskiq.receiver import Receiver
 from dagster_taskiq_cancel import hints, metrics
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.worker import health
+from dagster_taskiq_cancel.worker import health, keys
 from dagster_taskiq_cancel.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> None:
     """Serve until SIGTERM/SIGINT; then stop receiving, drain, and stop what is left."""
+    keys.warn_if_written(instance)
     endpoint = health.serve_process(settings)
     worker = Worker(settings, instance)
     queues = SyncQueues(settings)

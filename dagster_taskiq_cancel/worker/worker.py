@@ -51,7 +51,7 @@ from dagster_taskiq_cancel.cooperative import announce
 from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, task_message
-from dagster_taskiq_cancel.worker import children, records, scale_in, stopping
+from dagster_taskiq_cancel.worker import children, keys, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
 from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
 from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_cancelled, run_started
@@ -345,7 +345,8 @@ class Worker:
             detail = "stopped before Dagster started the run; none of it ran"
         if cleanup:
             context = CleanupContext(run_id, step_key, outcome, 0, dict(held.tags))
-            error = await run_cleanup(context, metrics.child_env(os.environ))
+            env = keys.child_env(metrics.child_env(os.environ), keep_keys=False)
+            error = await run_cleanup(context, env)
             if error is not None:
                 outcome, detail = "cleanup_failed", f"cleanup handler failed: {error}"
         await self._acks.send(run_id, step_key, task_id, outcome, detail, held)

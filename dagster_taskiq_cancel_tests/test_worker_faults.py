@@ -365,7 +365,9 @@ def test_a_worker_that_loses_the_schema_race_starts_and_keeps_its_logging(
 
     monkeypatch.setattr(DagsterInstance, "get", staticmethod(racing_load))
     monkeypatch.setattr("dagster_taskiq_cancel.worker.process.serve", serving)
-    result = CliRunner().invoke(cli.main, ["worker", "--queue-name", "q"])
+    result = CliRunner().invoke(
+        cli.main, ["worker", "--queue-name", "q", "--endpoint-url", "http://127.0.0.1:9"]
+    )
     assert result.exit_code == 0, result.output
     assert loads[0] == 2
     assert re.search(

@@ -45,7 +45,7 @@ setting in this order:
 
 A wrong value stops a command, or fails a code location's load, with one line naming the
 setting, the value given and where to set it. Secret settings ({secrets}) are never accepted in
-run config or component YAML: give them through the environment or the launcher config.
+run config or component YAML, which Dagster stores and shows: give them in the environment.
 
 | setting | environment variable | type | default | description |
 |---|---|---|---|---|

@@ -7,7 +7,7 @@ every 50 ms, without reloading, for ``WINDOW_S`` after the RUN_START event. The 
 from RUN_START's timestamp until the header says "Started" for good (the last change to it in
 the window); a header not "Started" at the end counts as ``WINDOW_S``.
 
-What it shows (README, "Benchmarks"): the websocket brings RUN_START and the header turns
+What it shows (docs/benchmarks.md, "UI header"): the websocket brings RUN_START and the header turns
 "Started" at once, but the RunGroupPanelQuery the UI sends on that status change can still read
 STARTING (Dagster stores the event before the run's status row), writes it back into the page's
 cache, and the header says "Starting" until that query's next 15 s poll. Both launchers alike.

@@ -1,6 +1,6 @@
 """A private PostgreSQL cluster for the tests: Debian's server binaries, 127.0.0.1, a free port.
 
-The README recommends Postgres for fleets, so the cancel, soak and bulk tests run on it too.
+The docs recommend Postgres for fleets, so the cancel, soak and bulk tests run on it too.
 The cluster lives in a temporary directory, listens on 127.0.0.1 and its own socket directory
 only, and is stopped by its postmaster's pid. initdb and postgres refuse to run as root, so as
 root (CI) the server runs as the ``postgres`` user that Debian's package creates.
@@ -34,7 +34,7 @@ def storage_config(postgres_db: Mapping[str, Any]) -> dict[str, Any]:
     """dagster.yaml's ``storage`` key for one database.
 
     The scheme must name psycopg2: SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3,
-    which dagster-postgres does not install (see README, "Production deployment").
+    which dagster-postgres does not install (see docs/production.md, "Run storage: Postgres").
     """
     return {"storage": {"postgres": {"postgres_db": {**postgres_db, "scheme": SCHEME}}}}
 

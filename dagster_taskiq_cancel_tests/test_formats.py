@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -98,12 +97,6 @@ def test_launcher_config_is_the_settings_fields_all_optional() -> None:
 def test_task_ids_are_deterministic() -> None:
     assert run_task_message("r").task_id == "r"
     assert step_task_id("r", "s", 2) == "r:s:2"
-
-
-def test_readme_documents_every_setting() -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    for name in TaskiqCancelSettings.model_fields:
-        assert f"| `{name}` | `{TaskiqCancelSettings.env_var(name)}` |" in readme, name
 
 
 def test_signed_messages_verify_and_reject_unsigned_forged_and_stale() -> None:

@@ -10,7 +10,7 @@ import statistics
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,13 @@ from playwright.sync_api import Page, expect, sync_playwright
 from dagster_taskiq_cancel.dev import DevStack, descendants
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer, free_port
 from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.sensor import EVENT_PREFIX as SENSOR_PREFIX
 from dagster_taskiq_cancel.settings import settings_from_env
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, pid_alive, wait_for
+from dagster_taskiq_cancel_tests.tour import STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-JOB_URL = "/locations/example_project/jobs/long_job"
 SHOTS = REPO / "test-output" / "ui"
 PID_RE = re.compile(r"started run task as pid (\d+)")
 CONFIRM_TO_CANCELED: list[float] = []
@@ -126,16 +127,6 @@ def graphql_launch(stack: DevStack) -> str:
     return result["run"]["runId"]
 
 
-def launch_from_launchpad(page: Page, stack: DevStack) -> str:
-    page.goto(f"{stack.ui_url}{JOB_URL}/playground")
-    launch = page.get_by_role("button", name=re.compile(r"Launch Run$"))
-    expect(launch).to_be_enabled(timeout=60_000)
-    shot(page, "launchpad")
-    launch.click()
-    page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
-    return page.url.rsplit("/runs/", 1)[1].split("?")[0]
-
-
 def wait_header(page: Page, text: str, timeout_ms: int = 60_000) -> None:
     expect(page.get_by_text(text, exact=True).first).to_be_visible(timeout=timeout_ms)
 
@@ -153,47 +144,94 @@ def run_pid(instance: DagsterInstance, run_id: str) -> int:
     return wait_for(find, 90, "the worker's start event with the pid")
 
 
-@pytest.mark.parametrize("launch_via", ["launchpad", "graphql"])
-def test_terminate_in_the_ui_ends_canceled(stack: DevStack, page: Page, launch_via: str) -> None:
-    instance = instance_of(stack)
-    if launch_via == "launchpad":
-        run_id = launch_from_launchpad(page, stack)
-    else:
-        run_id = graphql_launch(stack)
-        page.goto(f"{stack.ui_url}/runs/{run_id}")
+def named(label: str) -> re.Pattern[str]:
+    """An accessible name ending in ``label``: Dagster puts its icon's name in front."""
+    return re.compile(rf"(^|\s){re.escape(label)}$")
+
+
+def click(page: Page, kind: str, label: str) -> None:
+    target = page.get_by_role(kind, name=named(label)).first  # type: ignore[arg-type]
+    expect(target).to_be_enabled(timeout=60_000)
+    target.click()
+
+
+def wait_started(page: Page, instance: DagsterInstance, run_id: str) -> None:
     wait_for(
         lambda: instance.get_run_by_id(run_id).status == DagsterRunStatus.STARTED,  # type: ignore[union-attr]
         120,
         "run STARTED",
     )
-    pid = run_pid(instance, run_id)
     try:
         wait_header(page, "Started", 5_000)
     except AssertionError:
         # Dagster's own race, as often with its DefaultRunLauncher (benchmarks/ui_header.py):
         # the status refetch the UI sends on RUN_START can still read STARTING and holds the
-        # header there until its next 15 s poll. A reload reads the status afresh.
+        # header there until its next 15 s poll. A reload reads the status afresh (the tour
+        # says so).
         page.reload()
         wait_header(page, "Started")
-    shot(page, f"{launch_via}-started")
-    page.get_by_role("button", name=re.compile(r"Terminate$")).click()
-    dialog = page.get_by_role("dialog").filter(has_text="Terminate runs")
-    confirm = dialog.get_by_role("button", name="Terminate 1 run", exact=True)
-    expect(confirm).to_be_enabled(timeout=30_000)
-    shot(page, f"{launch_via}-dialog")
-    clicked = time.monotonic()
-    confirm.click()
-    wait_header(page, "Canceled")
-    CONFIRM_TO_CANCELED.append(time.monotonic() - clicked)
-    shot(page, f"{launch_via}-canceled")
+    wait_for(
+        lambda: any("working... step" in e.user_message for e in instance.all_logs(run_id)),
+        60,
+        "the op's first `working... step` line, which the tour waits for",
+    )
+
+
+def follow_the_tour(page: Page, stack: DevStack, steps: Sequence[tuple[str, str]]) -> str:
+    """Do ``steps`` of the README's tour (``tour.STEPS``) as a user would; returns the run id.
+
+    Starts on the UI's front page unless the run page is open already (the GraphQL launch).
+    """
+    instance = instance_of(stack)
+    run_id = page.url.rsplit("/runs/", 1)[1] if "/runs/" in page.url else ""
+    if not run_id:
+        page.goto(stack.ui_url)
+    for kind, label in steps:
+        if kind == "status" and label == "Started":
+            wait_started(page, instance, run_id)
+            shot(page, "started")
+        elif kind == "status":
+            wait_header(page, label)
+            shot(page, label.lower())
+        elif label == "Terminate 1 run":
+            shot(page, "dialog")
+            clicked = time.monotonic()
+            click(page, kind, label)
+            wait_header(page, "Canceled")
+            CONFIRM_TO_CANCELED.append(time.monotonic() - clicked)
+        else:
+            click(page, kind, label)
+            if label == "View":
+                page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"), timeout=60_000)
+                run_id = page.url.rsplit("/runs/", 1)[1].split("?")[0]
+    return run_id
+
+
+@pytest.mark.parametrize("launch_via", ["tour", "graphql"])
+def test_terminate_in_the_ui_ends_canceled(stack: DevStack, page: Page, launch_via: str) -> None:
+    """The README's tour, click for click; and the same Terminate on a run launched by GraphQL."""
+    instance = instance_of(stack)
+    steps = list(STEPS)
+    if launch_via == "graphql":
+        page.goto(f"{stack.ui_url}/runs/{graphql_launch(stack)}")
+        steps = steps[steps.index(("status", "Started")) :]
+    run_id = follow_the_tour(page, stack, steps)
     print(f"\nconfirm click -> header Canceled: {CONFIRM_TO_CANCELED[-1]:.2f}s")
+    pid = run_pid(instance, run_id)
     wait_for(lambda: not pid_alive(pid), 30, f"worker child {pid} gone")
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.CANCELED  # type: ignore[union-attr]
+    interrupted = [
+        e.dagster_event.step_failure_data.error.cls_name  # type: ignore[union-attr]
+        for e in instance.all_logs(run_id)
+        if e.dagster_event and e.dagster_event.event_type_value == "STEP_FAILURE"
+    ]
+    assert interrupted == ["DagsterExecutionInterruptedError"], "the tour's red Errored step"
     wait_for(
         lambda: any(
-            "cancelled" in (e.dagster_event.message or "")
-            for e in instance.all_logs(run_id)
-            if e.dagster_event and e.dagster_event.event_type_value == "ENGINE_EVENT"
+            m.startswith(SENSOR_PREFIX) and "acknowledged the cancel" in m
+            for m in (
+                e.dagster_event.message or "" for e in instance.all_logs(run_id) if e.dagster_event
+            )
         ),
         90,
         "the sensor's engine event for the worker's ack",

@@ -77,7 +77,8 @@ async def _serve(worker: Worker) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     # Delete at start: a held message never times out and runs twice; a worker that dies
-    # mid-run is caught by Dagster's run monitoring instead (see README, "Worker crashes").
+    # mid-run is caught by Dagster's run monitoring instead (docs/production.md, "Worker
+    # crashes").
     receiver = Receiver(
         worker.broker,
         max_async_tasks=settings.concurrency,

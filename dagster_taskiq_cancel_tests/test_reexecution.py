@@ -130,11 +130,13 @@ def test_reexecutions_and_retries_of_a_worker_run_each_run_once_on_a_worker(
 def test_a_long_fan_out_runs_each_step_once(tmp_path: Path, sqs_server: LocalSqsServer) -> None:
     """16 steps, four at a time, each longer than ``step_claim_timeout_seconds``: every claim
     is kept though the claims of one run are written at the same moment, so no running step
-    is taken for lost (and retried: ``part`` has a retry policy)."""
+    is taken for lost (and retried: ``part`` has a retry policy). Spare slots: a finished step's
+    process takes seconds to exit on a busy machine, and its slot is not free before; the next
+    step must not wait for it past the claim timeout."""
     deployment = Deployment(tmp_path, sqs_server.endpoint_url, step_claim_timeout_seconds=4)
     try:
-        deployment.start_worker("--concurrency", "3")
-        deployment.start_worker("--concurrency", "2")  # with the run task: four step slots
+        for _ in range(2):
+            deployment.start_worker("--concurrency", "4")
         run_config = {
             **fan_run_config(deployment.root, width=16, seconds=6),
             "execution": {"config": {"max_concurrent": 4}},

@@ -198,8 +198,11 @@ def test_a_fenced_run_whose_settle_fails_is_released_once_the_storage_answers(
         worker._fence("it could not write its heartbeat for 20s (the run storage did not answer)")
         await asyncio.wait_for(child, 10)  # the slot is free while the settle is retried
         assert failed[0] >= 1
+        # Its record is still to write: the beat lists it, so run monitoring waits for it.
+        assert run_id in worker.holding().tasks
         await until(lambda: claims.released_by(instance, run_id), 10, "released")
         assert failed[0] == 3
+        assert run_id not in worker.holding().tasks  # released: run monitoring's to act on
         assert any("could not write its heartbeat" in m for m in messages(instance, run_id))
         assert status(instance, run_id) == DagsterRunStatus.STARTED  # left to run monitoring
         instance.report_run_canceling(read(instance, run_id))

@@ -221,10 +221,12 @@ class Worker:
         )
 
     def holding(self) -> heartbeats.Beat:
-        """The heartbeat to write: the time, then the tasks held (admitting or running). Both
-        are read here on the event loop, so a task missing from a beat was claimed after it."""
+        """The heartbeat to write: the time, then the tasks held (admitting, running, or exited
+        with their run's record still to write). Both are read here on the event loop, so a task
+        missing from a beat was claimed after it, or is recorded (or released) already."""
         now = time.time()
-        return heartbeats.Beat(now, frozenset({*self._admitting, *self.held}))
+        exited = (t for t, h in self.finishing.items() if h.phase == Phase.EXITED)
+        return heartbeats.Beat(now, frozenset({*self._admitting, *self.held, *exited}))
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None

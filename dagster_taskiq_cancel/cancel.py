@@ -13,6 +13,7 @@ import contextlib
 import getpass
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Literal
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
+from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
 from dagster._core.events import EngineEventData
 from dagster._core.storage.tags import MAX_RETRIES_TAG
 
@@ -91,6 +92,28 @@ def audit_text(request: CancelRequest) -> str:
         f"Cancel requested by {request.requested_by} at {when}; reason: {why}; "
         f"request {request.request_id}."
     )
+
+
+_AUDIT_REQUEST = re.compile(r"; request (\S+)\.$")
+
+
+def audit_request_id(text: str) -> str | None:
+    """The request id an ``audit_text`` line names; None for any other text."""
+    found = _AUDIT_REQUEST.search(text)
+    return found[1] if found else None
+
+
+def latest_request_id(instance: DagsterInstance, run_id: str) -> str | None:
+    """The request id of the run's latest RUN_CANCELING, written with ``audit_text``.
+
+    A worker that stopped a run on its poll (no hint reached it) has no request in hand; this
+    ties its acknowledgement to the request the run's log already shows.
+    """
+    records = instance.get_records_for_run(
+        run_id, of_type=DagsterEventType.RUN_CANCELING, ascending=False, limit=1
+    ).records
+    event = records[0].event_log_entry.dagster_event if records else None
+    return audit_request_id(event.message or "") if event is not None else None
 
 
 def audit_metadata(request: CancelRequest) -> dict[str, str | float]:

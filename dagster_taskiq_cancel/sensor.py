@@ -25,6 +25,7 @@ import dagster as dg
 from dagster._core.events import DagsterEvent, DagsterEventType, EngineEventData
 
 from dagster_taskiq_cancel import claims, heartbeats
+from dagster_taskiq_cancel.cancel import latest_request_id
 from dagster_taskiq_cancel.messages import (
     STOPPED_OUTCOMES,
     CancelAck,
@@ -47,6 +48,7 @@ EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
 # An ack whose handling failed (storage error) is offered again this soon, within the next tick.
 RETRY_VISIBILITY_SECONDS = 2
 
+_INTERRUPT = "DagsterExecutionInterruptedError"
 _OUTCOME_TEXT = {
     "cancelled": "stopped by Dagster's interrupt",
     "killed": "killed with SIGKILL after the grace period",
@@ -122,19 +124,22 @@ def _apply_ack(
     target = f"step {ack.step_key}" if ack.step_key else "run"
     why = "; ".join(filter(None, [_OUTCOME_TEXT[ack.outcome], ack.detail]))
     after = f", {latency:.2f}s after the request" if latency is not None else ""
+    interrupted = interrupted_steps(instance, run.run_id) if ack.step_key is None else []
+    steps = f" Steps it interrupted: {', '.join(interrupted)}." if interrupted else ""
     _record(
         instance,
         run,
         f"worker {ack.worker_id} acknowledged the cancel: {target} task {ack.task_id} "
-        f"{ack.outcome} ({why}){after}.",
+        f"{ack.outcome} ({why}){after}.{steps}",
         {
             "outcome": ack.outcome,
             "worker_id": ack.worker_id,
             "task_id": ack.task_id,
             "step_key": ack.step_key,
             "detail": ack.detail,
-            "request_id": ack.request_id,
+            "request_id": ack.request_id or latest_request_id(instance, run.run_id),
             "latency_seconds": None if latency is None else round(latency, 3),
+            "interrupted_steps": ", ".join(interrupted) or None,
         },
     )
     if ack.outcome == "cleanup_failed":
@@ -149,6 +154,30 @@ def _apply_ack(
         return
     instance.report_run_canceled(current, message=f"Run {ack.outcome} on worker {ack.worker_id}.")
     summary.canceled += 1
+
+
+def interrupted_steps(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The steps a cancel interrupted: Dagster fails each with DagsterExecutionInterruptedError,
+    which the UI shows as a red "Errored" step; the ack's event names them, so that the red
+    steps read as the cancel's doing."""
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE).records
+    steps = {
+        event.step_key
+        for event in (record.event_log_entry.dagster_event for record in records)
+        if event is not None
+        and event.step_key is not None
+        and _is_interrupt(getattr(event.event_specific_data, "error", None))
+    }
+    return sorted(steps)
+
+
+def _is_interrupt(error: Any) -> bool:
+    """Whether a step's error, or one it was raised from, is Dagster's interrupt."""
+    while error is not None:
+        if error.cls_name == _INTERRUPT:
+            return True
+        error = error.cause or error.context
+    return False
 
 
 def _fail_after_cleanup(

@@ -31,6 +31,7 @@ from dagster_taskiq_cancel.tasks import (
     resume_task_id,
     step_task_id,
 )
+from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.admission import Admitted, Gate, NotClaimed
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
@@ -263,17 +264,25 @@ def test_a_claim_whose_answer_was_lost_is_still_its_workers(
     assert not gate(instance, "other", tmp_path).claim(run.run_id)
 
 
+def taken_from_the_queue(deployment: Deployment) -> tuple[str, str]:
+    """A launched run whose task message a worker received (and, as on receipt, deleted):
+    the run id and the main queue's URL."""
+    run_id = deployment.launch(sleepy_job)  # no worker yet: the task waits in the queue
+    queues = deployment.queues
+    url = queues.url(queues.names.main)
+    received = queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=5)["Messages"]
+    queues.client.delete_message(QueueUrl=url, ReceiptHandle=received[0]["ReceiptHandle"])
+    return run_id, url
+
+
 @MOTO_ONLY
 def test_a_worker_hands_back_a_task_it_could_not_claim(
     deployment: Deployment, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The task's message was deleted on receipt: a storage error before the claim sends the
     task again (a copy any worker, this one included, may take) and leaves the run alone."""
-    run_id = deployment.launch(sleepy_job)  # no worker yet: the task waits in the queue
+    run_id, url = taken_from_the_queue(deployment)
     queues = deployment.queues
-    url = queues.url(queues.names.main)
-    received = queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=5)["Messages"]
-    queues.client.delete_message(QueueUrl=url, ReceiptHandle=received[0]["ReceiptHandle"])
     instance = deployment.instance
     real = instance.get_run_by_id
     failures = iter([True])
@@ -301,3 +310,45 @@ def test_a_worker_hands_back_a_task_it_could_not_claim(
     again = queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=5).get("Messages", [])
     assert [json.loads(m["Body"])["task_id"] for m in again] == [run_id]
     assert claims.claim_of(instance, run_id) is None
+
+
+@MOTO_ONLY
+def test_a_claim_slower_than_the_storage_timeout_is_run_not_handed_back(
+    deployment: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The storage answers the claim's INSERT after the worker would give up on a call: the
+    worker waits for admission to its end and runs the task it claimed. Sent again instead, the
+    copy would be refused by every other worker, and the run would wait for its start timeout."""
+    run_id, url = taken_from_the_queue(deployment)
+    settings = deployment.settings.model_copy(update={"heartbeat_timeout_seconds": 2.0})
+    real = claims.claim
+
+    def slow_claim(*args: Any) -> bool:
+        time.sleep(settings.heartbeat_timeout_seconds)  # the fault: twice the storage timeout
+        return real(*args)
+
+    monkeypatch.setattr(claims, "claim", slow_claim)
+    worker = Worker(settings, deployment.instance)
+
+    async def run_the_task() -> None:
+        await worker.broker.startup()
+        task = asyncio.get_running_loop().create_task(worker.execute(run_id, run_id, None, 0))
+        try:
+            deadline = time.monotonic() + 30
+            while run_id not in worker.held:
+                assert not task.done() and time.monotonic() < deadline, "the task never ran"
+                await asyncio.sleep(0.05)
+            children.kill_group(worker.held[run_id].process.pid)
+            await asyncio.wait_for(task, 30)
+        finally:
+            task.cancel()
+            await worker.broker.shutdown()
+
+    try:
+        asyncio.run(run_the_task())
+    finally:
+        worker.close()
+    claim = claims.claim_of(deployment.instance, run_id)
+    assert claim is not None and claim.worker_id == worker.worker_id
+    queues = deployment.queues
+    assert not queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages")

@@ -133,14 +133,17 @@ class Worker:
         """The longest wait between two tries of a failed settle: one heartbeat interval."""
         return self.settings.heartbeat_timeout_seconds / 6
 
-    async def _storage_call(self, fn: Any, *args: Any) -> Any:
-        """``fn(*args)`` on the storage thread, given up on after the storage timeout.
+    async def _storage_call(self, fn: Any, *args: Any, to_the_end: bool = False) -> Any:
+        """``fn(*args)`` on the storage thread, given up on after the storage timeout, unless
+        ``to_the_end``.
 
         A hung storage call must not hang the loop that made it; the thread itself cannot be
-        interrupted, so later calls queue behind it, and the heartbeat loop fences the work.
+        interrupted, so later calls queue behind it, and the heartbeat loop fences the work. A
+        call whose outcome decides who owns work (admission's claim) is waited for to its end.
         """
         future = asyncio.get_running_loop().run_in_executor(self._storage, fn, *args)
-        return await metrics.storage_call(fn, asyncio.wait_for(future, self._storage_timeout))
+        waited = future if to_the_end else asyncio.wait_for(future, self._storage_timeout)
+        return await metrics.storage_call(fn, waited)
 
     async def execute(
         self,
@@ -154,8 +157,11 @@ class Worker:
 
         A resume task (run monitoring found the run's worker dead) starts a STARTED run again
         with `dagster api resume_run`; a run task starts only a run that has not started. The
-        message was deleted on receipt, so a failure before the child starts is recorded in the
-        run (``records.fail_task``) rather than left for a timeout.
+        message was deleted on receipt: an error before the claim sends the task again
+        (``_hand_back``); one after it is this worker's to record in the run
+        (``records.fail_task``) rather than leave for a timeout. Admission is waited for to its
+        end, however slow the storage: a claim that landed after the worker gave up waiting
+        would be nobody's, as every other worker refuses the copy sent again.
         """
         if task_id in self.broker.released:
             logger.info("Not starting task %s: handed back to the queue at shutdown", task_id)
@@ -169,7 +175,7 @@ class Worker:
         self._admitting.add(task_id)
         try:
             admitted = await self._storage_call(
-                self._gate.admit, task_id, run_id, step_key, attempt, resume
+                self._gate.admit, task_id, run_id, step_key, attempt, resume, to_the_end=True
             )
             if isinstance(admitted, DagsterRunStatus):
                 metrics.task_not_started(task_id, step_key, "skipped")
@@ -180,8 +186,8 @@ class Worker:
                 metrics.task_not_started(task_id, step_key, "dropped")
                 return
             process = await children.spawn(admitted.argv, admitted.env)
-        except (NotClaimed, asyncio.TimeoutError) as exc:
-            # Not this worker's to fail (a timed-out admission may not have claimed either).
+        except NotClaimed as exc:
+            # Not this worker's to fail: it did not claim the task.
             await self._hand_back(task_id, run_id, step_key, attempt, resume, exc)
             return
         except Exception:

@@ -8,6 +8,7 @@ elsewhere, and no ``dagster.yaml`` in the current folder for ``dagster dev`` to 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Collection, Mapping, MutableMapping
+from collections.abc import Collection, Iterator, Mapping, MutableMapping
 from pathlib import Path
 
 from dagster._core.errors import DagsterInvalidConfigError, DagsterInvariantViolationError
@@ -34,6 +35,7 @@ from dagster_taskiq_cancel.settings import (
 )
 
 USE_AWS = "DAGSTER_TASKIQ_USE_AWS"
+ENDPOINT_VAR = TaskiqCancelSettings.env_var("endpoint_url")
 BOOLEANS = {"": False, "0": False, "false": False, "1": True, "true": True}
 HOME_DIR = "dagster_home"
 # In the demo's home while it runs: the settings a CLI command needs to reach its SQS server and
@@ -161,6 +163,25 @@ def checked_settings(home: Path, env: Mapping[str, str]) -> TaskiqCancelSettings
     Dagster reads the instance's parts lazily: each is read here, so that a bad value is one
     line now rather than tracebacks from the daemon and a worker that exits after the banner.
     """
+    with _environ(env):
+        return _checked_settings(home, env)
+
+
+@contextlib.contextmanager
+def _environ(env: Mapping[str, str]) -> Iterator[None]:
+    """This process's environment is ``env`` for a while: Dagster builds the launcher (and its
+    settings) from ``os.environ``, and the check must see what the demo's processes will."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _checked_settings(home: Path, env: Mapping[str, str]) -> TaskiqCancelSettings:
     from dagster import DagsterInstance
 
     try:
@@ -168,7 +189,7 @@ def checked_settings(home: Path, env: Mapping[str, str]) -> TaskiqCancelSettings
     except (DagsterInvalidConfigError, DagsterInvariantViolationError) as exc:
         raise DevError(f"{home / 'dagster.yaml'}: {instance_problem(exc)}") from None
     try:
-        resolve_settings(instance)  # the launcher's config, as this process's environment sees it
+        resolve_settings(instance)  # the launcher's config, as the demo's processes will see it
         instance.run_coordinator  # noqa: B018
         instance.get_runs(limit=1)
         instance.schedule_storage  # noqa: B018
@@ -250,11 +271,15 @@ class DevStack:
         if self.home != self.config.parent:  # a private home: the tests' and benchmarks'
             self.home.mkdir(parents=True, exist_ok=True)
             shutil.copy(self.config, self.home / "dagster.yaml")
-        checked = checked_settings(self.home, self.env)
+        # The SQS server the demo embeds unless dagster.yaml or the environment names one: its
+        # endpoint is known (so checked: no signing key needed on this machine) before it starts.
+        embedded = None if aws else MotoServer()
+        endpoint = {ENDPOINT_VAR: embedded.endpoint_url} if embedded else {}
+        checked = checked_settings(self.home, {**endpoint, **self.env})
         self.env["DAGSTER_HOME"] = str(self.home)
         chosen: dict[str, str] = {}  # what the demo picks, given to its processes as variables
-        if not checked.endpoint_url and not aws:
-            self.moto = MotoServer().start()
+        if embedded is not None and checked.endpoint_url == embedded.endpoint_url:
+            self.moto = embedded.start()
             self.env.update({k: self.env.get(k, v) for k, v in LOCAL_CREDENTIALS.items()})
             chosen["endpoint_url"] = self.moto.endpoint_url
         if checked.metrics_port is None:  # so that `health` finds the demo's worker

@@ -239,10 +239,19 @@ def settings_from_env(
     environ: Mapping[str, str] | None = None,
     where: str = CONFIG,
 ) -> TaskiqCancelSettings:
-    """Settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped).
+    """Settings from ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None values skipped),
+    with their keys checked (``checked``).
 
     ``where`` names the place the overrides come from, for the error.
     """
+    env = os.environ if environ is None else environ
+    return checked(build_settings(env_values(overrides, env), where), where, env)
+
+
+def env_values(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The raw values of ``DAGSTER_TASKIQ_*`` variables, then ``overrides`` (None skipped)."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for name in TaskiqCancelSettings.model_fields:
@@ -250,7 +259,7 @@ def settings_from_env(
         if raw not in (None, ""):
             values[name] = raw
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return checked(build_settings(values, where), where, env)
+    return values
 
 
 def build_settings(values: Mapping[str, Any], where: str = CONFIG) -> TaskiqCancelSettings:

@@ -46,7 +46,6 @@ from dagster_taskiq_cancel.settings import (
     current_settings,
     env_values,
     resolve_settings,
-    settings_from_env,
 )
 
 logger = logging.getLogger(__name__)

@@ -394,8 +394,8 @@ class Worker:
             if failing and left <= 0:
                 self._fence_for_silence()
             try:
-                timeout = min(self._storage_timeout, left) if left > 0 else interval
-                await beat.attempt(timeout, self.holding())
+                wait = min(self._storage_timeout, left) if left > 0 else interval
+                await beat.attempt(wait, self.holding())
                 self.last_beat = beat.started_at or self.last_beat
                 failing, next_beat = False, interval
             except Exception as exc:

@@ -479,7 +479,8 @@ class Worker:
         end the run; without this it would wait for the sensor's timeout. The task is done once
         its run was cancelled, ended, or moved on (resumed elsewhere).
         """
-        if run is not None and resent_as(held, sent) is None and is_cancelled(run.status):
+        moved_on = resent_as(held, sent) is not None
+        if run is not None and not moved_on and is_cancelled(run.status):
             recorded = await self._storage_call(
                 cancel_released, self.instance, self.worker_id, held
             )
@@ -491,7 +492,7 @@ class Worker:
                 ack = self._acks.send(held.run_id, None, held.task_id, "killed", detail, held)
                 self._in_background(ack)
             self._done(held)
-        elif run is None or run.is_finished or resent_as(held, sent) is not None:
+        elif run is None or run.is_finished or moved_on:
             self._done(held)
 
     async def _cancel(self, held: HeldTask) -> None:

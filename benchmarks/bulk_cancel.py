@@ -47,8 +47,9 @@ def run(ctx: Context) -> list[Row]:
 
 
 def measure(ctx: Context, storage: str, instance_config: dict[str, Any]) -> list[Row]:
-    deployment = Deployment(ctx.scratch(f"bulk-{storage}"), ctx.endpoint_url, instance_config)
-    try:
+    with Deployment(
+        ctx.scratch(f"bulk-{storage}"), ctx.endpoint_url, instance_config
+    ) as deployment:
         started = time.monotonic()
         run_ids = create_pending_runs(deployment, sleepy_job, ctx.size.bulk_runs)
         setup = time.monotonic() - started
@@ -64,8 +65,6 @@ def measure(ctx: Context, storage: str, instance_config: dict[str, Any]) -> list
         runs = deployment.instance.get_runs(RunsFilter(run_ids=run_ids))
         statuses = collections.Counter(run.status.value for run in runs)
         executed = sum(deployment.executions(run_id) for run_id in run_ids)
-    finally:
-        deployment.stop()
     if executed or not result.ok:
         raise AssertionError(f"{executed} runs executed; errors: {not result.ok}")
     return [

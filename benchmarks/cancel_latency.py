@@ -118,8 +118,7 @@ def measure(
 
 def run(ctx: Context) -> list[Row]:
     workers = 4
-    deployment = Deployment(ctx.scratch("cancel"), ctx.endpoint_url)
-    try:
+    with Deployment(ctx.scratch("cancel"), ctx.endpoint_url) as deployment:
         concurrency = ctx.size.cancel_batch // workers + 2
         start_workers(deployment, workers, concurrency)
         results = measure(
@@ -128,8 +127,6 @@ def run(ctx: Context) -> list[Row]:
             ctx.size.cancels,
             ctx.size.cancel_batch,
         )
-    finally:
-        deployment.stop()
     ours, poll = results["ours"], results["poll"]
     peer = "poll only, no message"
     delivered = 100.0 * len(ours.gone) / (len(ours.gone) + ours.missed)

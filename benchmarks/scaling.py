@@ -17,14 +17,11 @@ HELD = (1, 10, 100)
 
 
 def cancel_latency(ctx: Context, workers: int) -> Row:
-    deployment = Deployment(ctx.scratch(f"scaling-{workers}"), ctx.endpoint_url)
-    try:
+    with Deployment(ctx.scratch(f"scaling-{workers}"), ctx.endpoint_url) as deployment:
         start_workers(deployment, workers, ctx.size.scaling_cancels // workers + 2)
         timings = measure(
             deployment, {"ours": terminate}, ctx.size.scaling_cancels, ctx.size.cancel_batch
         )["ours"]
-    finally:
-        deployment.stop()
     signalled = percentile(timings.signalled, 50) if timings.signalled else float("nan")
     note = f"{workers} worker(s): median terminate → SIGTERM {signalled:.3f} s"
     if timings.missed:
@@ -34,8 +31,7 @@ def cancel_latency(ctx: Context, workers: int) -> Row:
 
 def poll_cost(ctx: Context) -> list[Row]:
     """Time ``held_runs`` (the poll's one query) for 1, 10 and 100 held run ids."""
-    deployment = Deployment(ctx.scratch("poll-cost"), ctx.endpoint_url)
-    try:
+    with Deployment(ctx.scratch("poll-cost"), ctx.endpoint_url) as deployment:
         run_ids = [deployment.create_run(sleepy_job).run_id for _ in range(max(HELD))]
         rows = []
         for held in HELD:
@@ -47,8 +43,6 @@ def poll_cost(ctx: Context) -> list[Row]:
                 assert len(statuses) == held and all(statuses.values())
             rows.append(Row(SCENARIO, f"poll query, {held} held run(s) [ms]", samples))
         return rows
-    finally:
-        deployment.stop()
 
 
 def run(ctx: Context) -> list[Row]:

@@ -100,11 +100,8 @@ def sqs_server(request: pytest.FixtureRequest) -> Iterator[LocalSqsServer]:
 def deployment(
     tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> Iterator[Deployment]:
-    stack = Deployment(tmp_path, sqs_server.endpoint_url, instance_config=storage)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, instance_config=storage) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -211,6 +211,12 @@ class Deployment:
             stop_process(proc)
         self.instance.dispose()
 
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     # --- runs --------------------------------------------------------------------------------
 
     def create_run(

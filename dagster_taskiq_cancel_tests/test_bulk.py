@@ -184,8 +184,7 @@ def test_one_thousand_pending_runs_are_cancelled_and_none_starts(
     and on ministack, which answers the 3,000-odd requests of the workers in seconds: moto
     answers one request at a time (about 20 ms each) and would take a minute.
     """
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, instance_config=storage)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, instance_config=storage) as deployment:
         tag = {"batch": uuid.uuid4().hex}
         run_ids = create_pending_runs(deployment, sleepy_job, 1000, tag)
         started, cpu_started = time.monotonic(), time.process_time()
@@ -211,5 +210,3 @@ def test_one_thousand_pending_runs_are_cancelled_and_none_starts(
         assert not deployment.instance.get_runs_count(
             RunsFilter(tags=tag, statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS])
         ), "a cancelled run started"
-    finally:
-        deployment.stop()

@@ -80,10 +80,9 @@ def test_redelivered_and_duplicated_run_messages_execute_once(
     tmp_path: Path, sqs_server: LocalSqsServer, storage: dict[str, Any]
 ) -> None:
     """A duplicated send and an expired visibility timeout both deliver the task again."""
-    deployment = Deployment(
+    with Deployment(
         tmp_path, sqs_server.endpoint_url, instance_config=storage, visibility_timeout_seconds=1
-    )
-    try:
+    ) as deployment:
         run = deployment.create_run(sleepy_job, seconds=4)
         deployment.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
         body = run_task_message(run.run_id).body
@@ -94,8 +93,6 @@ def test_redelivered_and_duplicated_run_messages_execute_once(
         deployment.wait_status(run.run_id, {DagsterRunStatus.SUCCESS}, timeout=120)
         wait_for(deployment.queue_empty, 30, "all three copies deleted")
         assert deployment.executions(run.run_id) == 1
-    finally:
-        deployment.stop()
 
 
 @MOTO_ONLY

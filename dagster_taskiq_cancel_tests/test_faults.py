@@ -34,8 +34,7 @@ def monitor(deployment: Deployment, run_id: str) -> bool:
 def test_killed_worker_fails_the_run_through_run_monitoring_and_nothing_runs_twice(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=3)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=3) as deployment:
         worker = deployment.start_worker()
         run_id = deployment.launch(sleepy_job, seconds=300)
         pid = deployment.op_pid(run_id)
@@ -53,8 +52,6 @@ def test_killed_worker_fails_the_run_through_run_monitoring_and_nothing_runs_twi
         deployment.start_worker()
         wait_for(deployment.queue_empty, 30, "queues empty")
         assert deployment.executions(run_id) == 1
-    finally:
-        deployment.stop()
 
 
 @MOTO_ONLY
@@ -83,8 +80,7 @@ def test_sigterm_drains_then_stops_and_says_so(deployment: Deployment) -> None:
 
 def test_sqs_outage_workers_back_off_log_once_and_resume(tmp_path: Path) -> None:
     server = MotoServer().start()
-    deployment = Deployment(tmp_path, server.endpoint_url)
-    try:
+    with Deployment(tmp_path, server.endpoint_url) as deployment:
         worker = deployment.start_worker()
         run_id = deployment.launch(sleepy_job, seconds=300)
         pid = deployment.op_pid(run_id)
@@ -106,8 +102,6 @@ def test_sqs_outage_workers_back_off_log_once_and_resume(tmp_path: Path) -> None
         log = deployment.worker_log(0)
         assert log.count("SQS receive failed") <= 2, "one line per outage per queue loop"
         assert "SQS answers again" in log
-    finally:
-        deployment.stop()
         server.stop()
 
 

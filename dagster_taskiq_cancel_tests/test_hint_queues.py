@@ -38,11 +38,8 @@ STEP_DEADLINE_S = 15.0  # a step process's own interrupt handling takes seconds 
 
 @pytest.fixture
 def slow_poll(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[Deployment]:
-    stack = Deployment(tmp_path, sqs_server.endpoint_url, poll_interval_seconds=SLOW_POLL)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, poll_interval_seconds=SLOW_POLL) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def worker_id(deployment: Deployment, index: int) -> str:
@@ -159,8 +156,7 @@ def test_dead_workers_queue_removed_by_the_next_worker(
 ) -> None:
     """SIGKILL leaves the queue; once the dead worker's heartbeat is stale, a starting worker
     deletes it (and keeps its own)."""
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=2)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=2) as deployment:
         dead = deployment.start_worker()
         dead_id = worker_id(deployment, 0)
         dead_queue = hints.hint_queue_name(deployment.queues.names, dead_id)
@@ -179,8 +175,6 @@ def test_dead_workers_queue_removed_by_the_next_worker(
         assert dead_queue not in names
         assert live_queue in names
         assert f"Deleted the hint queue {dead_url} of a dead worker" in deployment.worker_log(1)
-    finally:
-        deployment.stop()
 
 
 @pytest.mark.parametrize("main", ["jobs", "jobs.fifo", "x" * 80, "y" * 75 + ".fifo"])
@@ -218,13 +212,12 @@ def test_a_fifo_deployment_runs_and_a_hint_stops_its_run(
 ) -> None:
     """A `.fifo` queue name makes every queue FIFO, the worker's own hint queue too: a run
     succeeds, a hint stops a run long before the poll would, and the queue goes at shutdown."""
-    deployment = Deployment(
+    with Deployment(
         tmp_path,
         sqs_server.endpoint_url,
         queue_name=f"t{uuid.uuid4().hex[:12]}.fifo",
         poll_interval_seconds=SLOW_POLL,
-    )
-    try:
+    ) as deployment:
         worker = deployment.start_worker()
         ok = deployment.launch(sleepy_job)
         deployment.wait_status(ok, {DagsterRunStatus.SUCCESS})
@@ -242,5 +235,3 @@ def test_a_fifo_deployment_runs_and_a_hint_stops_its_run(
         stop_process(worker)
         assert worker.returncode == 0
         assert hint_queue_names(deployment) == set()
-    finally:
-        deployment.stop()

@@ -140,16 +140,13 @@ def _current_objects(s3: Any, bucket: str) -> list[str]:
 @pytest.fixture
 def offloading(tmp_path: Path, sqs_server: LocalSqsServer) -> Any:
     s3, bucket = _bucket(sqs_server)
-    stack = Deployment(
+    with Deployment(
         tmp_path,
         sqs_server.endpoint_url,
         large_payload_bucket=bucket,
         large_payload_threshold_bytes=LOW,
-    )
-    try:
+    ) as stack:
         yield stack, s3, bucket
-    finally:
-        stack.stop()
 
 
 @MOTO_ONLY
@@ -231,23 +228,21 @@ def test_hostile_pointers_are_set_aside_and_taskiq_aio_sqs_bodies_run(
 def test_a_missing_bucket_fails_the_worker_at_start_up(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(
+    with Deployment(
         tmp_path, sqs_server.endpoint_url, large_payload_bucket=f"n{uuid.uuid4().hex[:12]}"
-    )
-    try:
+    ) as deployment:
         with pytest.raises(AssertionError, match="large_payload_bucket n"):
             deployment.start_worker()
         assert "Traceback" not in deployment.worker_log(0)
-    finally:
-        deployment.stop()
 
 
 @MOTO_ONLY
 def test_an_oversize_task_with_no_bucket_fails_its_run_at_send(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, large_payload_threshold_bytes=LOW)
-    try:
+    with Deployment(
+        tmp_path, sqs_server.endpoint_url, large_payload_threshold_bytes=LOW
+    ) as deployment:
         run = deployment.create_run(sleepy_job)
         with pytest.raises(PayloadError, match="no large_payload_bucket is set"):
             deployment.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
@@ -257,8 +252,6 @@ def test_an_oversize_task_with_no_bucket_fails_its_run_at_send(
             for m in deployment.engine_messages(run.run_id)
         )
         assert main_queue_empty(deployment)
-    finally:
-        deployment.stop()
 
 
 @MOTO_ONLY

@@ -54,11 +54,8 @@ def deployment(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[Deploymen
             "class": "DefaultRunCoordinator",
         },
     }
-    stack = Deployment(tmp_path, sqs_server.endpoint_url, instance_config=config)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, instance_config=config) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 def launched(result: Any, field: str) -> str:
@@ -133,8 +130,7 @@ def test_a_long_fan_out_runs_each_step_once(tmp_path: Path, sqs_server: LocalSqs
     is taken for lost (and retried: ``part`` has a retry policy). Spare slots: a finished step's
     process takes seconds to exit on a busy machine, and its slot is not free before; the next
     step must not wait for it past the claim timeout."""
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, step_claim_timeout_seconds=4)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, step_claim_timeout_seconds=4) as deployment:
         for _ in range(2):
             deployment.start_worker("--concurrency", "4")
         run_config = {
@@ -146,5 +142,3 @@ def test_a_long_fan_out_runs_each_step_once(tmp_path: Path, sqs_server: LocalSqs
         counts = collections.Counter(r.step_key for r in step_records(deployment.markers, run_id))
         assert deployment.status(run_id) == SUCCESS, deployment.engine_messages(run_id)[-5:]
         assert len(counts) == 18 and set(counts.values()) == {1}, counts
-    finally:
-        deployment.stop()

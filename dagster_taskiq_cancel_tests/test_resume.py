@@ -29,13 +29,12 @@ STARTED = DagsterRunStatus.STARTED
 def test_lost_worker_run_resumes_on_another_worker_and_can_be_terminated(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(
+    with Deployment(
         tmp_path,
         sqs_server.endpoint_url,
         instance_config={"run_monitoring": {"enabled": True, "max_resume_run_attempts": 2}},
         heartbeat_timeout_seconds=3,
-    )
-    try:
+    ) as deployment:
         lost = deployment.start_worker("--concurrency", "2")
         finishes = deployment.launch(sleepy_job, seconds=6)
         terminated = deployment.launch(sleepy_job, seconds=300)
@@ -87,5 +86,3 @@ def test_lost_worker_run_resumes_on_another_worker_and_can_be_terminated(
             )
             == 1
         ), "resumed once, not again after the terminate"
-    finally:
-        deployment.stop()

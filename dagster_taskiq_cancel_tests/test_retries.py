@@ -36,12 +36,11 @@ def retried(deployment: Deployment, run_id: str) -> bool:
 def test_a_terminated_run_that_ends_failure_is_not_retried(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(
+    with Deployment(
         tmp_path,
         sqs_server.endpoint_url,
         instance_config={"run_retries": {"enabled": True, "max_retries": 2}},
-    )
-    try:
+    ) as deployment:
         deployment.start_worker()
         failing = deployment.launch(failing_job)
         terminated = deployment.launch(broken_cleanup_job, seconds=300)
@@ -64,5 +63,3 @@ def test_a_terminated_run_that_ends_failure_is_not_retried(
         assert not retried(deployment, terminated)
         assert deployment.tags(failing)[WILL_RETRY_TAG] == "true"
         assert retried(deployment, failing), "an ordinary failure is still retried"
-    finally:
-        deployment.stop()

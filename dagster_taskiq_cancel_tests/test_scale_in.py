@@ -66,13 +66,12 @@ def _never_cancelled(deployment: Deployment, run_id: str) -> None:
 def test_a_drained_workers_run_resumes_on_another_worker_and_succeeds(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(
+    with Deployment(
         tmp_path,
         sqs_server.endpoint_url,
         instance_config={"run_monitoring": RESUME},
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT,
-    )
-    try:
+    ) as deployment:
         run_id = deployment.launch(slow_first_job, seconds=300)
         drained = _drain_holder(deployment, run_id, successors=1)
         assert deployment.status(run_id) == DagsterRunStatus.STARTED, "left for the resume"
@@ -94,8 +93,6 @@ def test_a_drained_workers_run_resumes_on_another_worker_and_succeeds(
             "the run's log says which worker handed it on"
         )
         _never_cancelled(deployment, run_id)
-    finally:
-        deployment.stop()
 
 
 def test_without_resume_a_drained_workers_run_fails_naming_the_worker(

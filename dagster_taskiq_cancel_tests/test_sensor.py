@@ -306,8 +306,7 @@ def test_signed_ack_from_an_hour_ago_still_ends_the_run(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
     """A daemon outage of an hour loses no ack; a badly signed one is still set aside."""
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret")
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret") as deployment:
         run_id = deployment.create_run(sleepy_job).run_id
         set_canceling(deployment, run_id)
         ack = CancelAck(
@@ -319,8 +318,6 @@ def test_signed_ack_from_an_hour_ago_still_ends_the_run(
         summaries = tick_until(deployment, lambda: acks_queue_empty(deployment))
         assert count(summaries, "malformed") == 1
         assert deployment.status(run_id) == DagsterRunStatus.FAILURE
-    finally:
-        deployment.stop()
 
 
 def test_ack_whose_storage_write_fails_is_kept_and_applied_later(

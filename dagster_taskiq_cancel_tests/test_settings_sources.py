@@ -98,8 +98,7 @@ def test_sensor_with_the_readme_resource_uses_the_launcher_settings(
 ) -> None:
     """The README writes `TaskiqCancelResource()`: the sensor's queue and timeout must be the
     launcher's, not the defaults (a queue that does not exist, a timeout of 120 s)."""
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, cancel_timeout_seconds=0.5)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, cancel_timeout_seconds=0.5) as deployment:
         run_id = deployment.launch(sleepy_job)
         run = deployment.instance.get_run_by_id(run_id)
         assert run is not None
@@ -114,8 +113,6 @@ def test_sensor_with_the_readme_resource_uses_the_launcher_settings(
             return deployment.status(run_id) == DagsterRunStatus.CANCELED
 
         wait_for(ticked_to_canceled, 30, "the sensor's timeout from the launcher config")
-    finally:
-        deployment.stop()
 
 
 # (launcher config, what the one line must name besides dagster.yaml): a wrong type Dagster's

@@ -18,8 +18,7 @@ from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, 
 def test_signed_deployment_rejects_forgeries_and_still_cancels(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret")
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, signing_key="team-secret") as deployment:
         deployment.start_worker()
         run_id = deployment.launch(sleepy_job, seconds=300)
         pid = deployment.op_pid(run_id)
@@ -36,8 +35,6 @@ def test_signed_deployment_rejects_forgeries_and_still_cancels(
         wait_for(lambda: not pid_alive(pid), 15, "the signed cancel stops the run")
         deployment.wait_status(run_id, {DagsterRunStatus.CANCELED}, timeout=30)
         assert "rejected" not in deployment.worker_log(0).split("2 rejected so far", 1)[1]
-    finally:
-        deployment.stop()
 
 
 @MOTO_ONLY  # the subject is the worker's children, not the SQS server
@@ -57,8 +54,7 @@ def test_only_a_run_process_that_sends_steps_gets_the_keys(
         monkeypatch.setenv(name, value)
     endpoint = sqs_server.endpoint_url.replace("127.0.0.1", alias)
     resume = {"run_monitoring": {"enabled": True, "max_resume_run_attempts": 1}}
-    deployment = Deployment(tmp_path, endpoint, instance_config=resume)
-    try:
+    with Deployment(tmp_path, endpoint, instance_config=resume) as deployment:
         deployment.start_worker()
         config = {"ops": {"note_keys": {"config": {"marker_dir": str(deployment.markers)}}}}
         runs = [deployment.launch(job, run_config=config) for job in (keys_job, step_keys_job)]
@@ -69,5 +65,3 @@ def test_only_a_run_process_that_sends_steps_gets_the_keys(
             assert deployment.status(run_id) == DagsterRunStatus.SUCCESS, "children load"
             assert seen_keys(deployment.markers, run_id) == ["-"], "no op sees a key"
         assert "rejected" not in deployment.worker_log(0), "the step task was signed"
-    finally:
-        deployment.stop()

@@ -22,16 +22,13 @@ CLAIM_TIMEOUT = 8.0
 @pytest.fixture
 def short_timeouts(tmp_path: Path, sqs_server: LocalSqsServer) -> Iterator[Deployment]:
     """Heartbeats stale after 3 s and an unclaimed step task lost after ``CLAIM_TIMEOUT``."""
-    deployment = Deployment(
+    with Deployment(
         tmp_path,
         sqs_server.endpoint_url,
         heartbeat_timeout_seconds=3,
         step_claim_timeout_seconds=CLAIM_TIMEOUT,
-    )
-    try:
+    ) as deployment:
         yield deployment
-    finally:
-        deployment.stop()
 
 
 def _health_failures(deployment: Deployment, run_id: str) -> list[str]:

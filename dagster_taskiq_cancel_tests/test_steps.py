@@ -146,10 +146,9 @@ def test_terminate_stops_every_step_of_a_run_that_could_resume(
     issues 21476, 33923): the workers holding them stop them from the run storage; and run
     monitoring never resumes the cancelled run."""
     monitoring = {"enabled": True, "max_resume_run_attempts": 3, "poll_interval_seconds": 1}
-    deployment = Deployment(
+    with Deployment(
         tmp_path, sqs_server.endpoint_url, instance_config={"run_monitoring": monitoring}
-    )
-    try:
+    ) as deployment:
         for _ in range(2):
             deployment.start_worker("--concurrency", "2")
         run_id = _launch(deployment, width=2, seconds=600)
@@ -166,8 +165,6 @@ def test_terminate_stops_every_step_of_a_run_that_could_resume(
         assert deployment.tags(run_id)[TASK_ID_TAG] == run_id, "no resume task was sent"
         assert deployment.status(run_id) == DagsterRunStatus.CANCELED
         assert all(r.attempt == 0 for r in step_records(deployment.markers, run_id))
-    finally:
-        deployment.stop()
 
 
 @MOTO_ONLY

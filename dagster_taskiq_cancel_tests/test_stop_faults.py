@@ -138,8 +138,7 @@ def test_a_worker_that_cannot_beat_kills_its_work_and_releases_the_run(
     """The run storage stops answering the worker (here: a lock held on sqlite's runs.db). Run
     monitoring would soon resume the run elsewhere, so the worker kills its run process first,
     and once the storage answers again marks the run released so that it is not stuck."""
-    deployment = Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=3)
-    try:
+    with Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=3) as deployment:
         deployment.start_worker()
         run_id = deployment.launch(sleepy_job, seconds=300)
         pid = deployment.op_pid(run_id)
@@ -158,5 +157,3 @@ def test_a_worker_that_cannot_beat_kills_its_work_and_releases_the_run(
         health = worker_health(deployment.instance, run, 3)
         assert health.status == WorkerStatus.FAILED, health
         assert any("could not write its heartbeat" in m for m in deployment.engine_messages(run_id))
-    finally:
-        deployment.stop()

@@ -4,7 +4,8 @@ The order is the point (DESIGN rule 4): CANCELING is recorded first because it i
 intent every worker polls for; the CancelRequest is only a hint that makes the holder look now.
 Every cancel also writes who asked, why and when into the run's event log (the audit trail),
 and, before the intent, ``dagster/max_retries: 0`` on the run: a run a user stopped is never
-retried by Dagster's run retries, whatever status it ends in.
+retried by Dagster's run retries, whatever status it ends in. What the tag was before goes beside
+it, so that a re-execution, which inherits its parent's tags, gets its retries back at launch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dagster._core.storage.tags import MAX_RETRIES_TAG
 from dagster_taskiq_cancel import claims, hints, intents
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.tasks import TAG_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,35 @@ TERMINATE_REASON = "terminate"
 
 Action = Literal["canceled", "canceling", "skipped", "failed", "would_cancel"]
 
-# Written before the intent: a run a user stopped is never retried by Dagster's run retries.
-NO_RETRY_TAGS = {MAX_RETRIES_TAG: "0"}
+# Beside ``dagster/max_retries: 0``: the run's own value before the cancel (``DEFAULT_RETRIES``:
+# it had none, the instance's ``run_retries.max_retries`` applied).
+RETRIES_BEFORE_CANCEL_TAG = f"{TAG_PREFIX}max_retries_before_cancel"
+DEFAULT_RETRIES = "default"
+
+
+def no_retry_tags(run: DagsterRun) -> dict[str, str]:
+    """Written before the intent: a run a user stopped is never retried by Dagster's run retries.
+
+    A run cancelled twice keeps the value from before its first cancel.
+    """
+    tags = {MAX_RETRIES_TAG: "0"}
+    if not run.tags.get(RETRIES_BEFORE_CANCEL_TAG):
+        tags[RETRIES_BEFORE_CANCEL_TAG] = run.tags.get(MAX_RETRIES_TAG, DEFAULT_RETRIES)
+    return tags
+
+
+def retries_restored(instance: DagsterInstance, run: DagsterRun) -> dict[str, str]:
+    """Tags giving a re-execution of a cancelled run its retries back (none for other runs).
+
+    Dagster copies the parent's tags onto a re-execution, the cancel's ``max_retries: 0`` too;
+    the user re-ran it, so it is retried as the parent would have been before the cancel.
+    """
+    before = run.tags.get(RETRIES_BEFORE_CANCEL_TAG)
+    if run.parent_run_id is None or not before:
+        return {}
+    retries = str(instance.run_retries_max_retries) if before == DEFAULT_RETRIES else before
+    return {MAX_RETRIES_TAG: retries, RETRIES_BEFORE_CANCEL_TAG: ""}
+
 
 # Who a cancel is for while Dagster routes it through terminate() (the run coordinator does that
 # for a run dequeued after we selected it); unset, terminate() is the webserver acting for the UI.
@@ -220,7 +249,7 @@ class _Canceller:
                 found = intents.record_canceling(
                     self.instance,
                     {run_id: audit_text(request) for run_id, (_, request) in to_record.items()},
-                    NO_RETRY_TAGS,
+                    no_retry_tags,
                 )
             except Exception:  # fall back to one run at a time, which reports each failure
                 logger.exception(
@@ -244,7 +273,7 @@ class _Canceller:
         return recorded, failed
 
     def _record_one(self, run: DagsterRun, request: CancelRequest) -> None:
-        self.instance.add_run_tags(run.run_id, NO_RETRY_TAGS)
+        self.instance.add_run_tags(run.run_id, no_retry_tags(run))
         self.instance.report_run_canceling(run, message=audit_text(request))
 
     @staticmethod

@@ -12,7 +12,7 @@ left alone (DESIGN rule 6). Other storages take Dagster's own path (``None`` her
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 
 import sqlalchemy as db
@@ -46,7 +46,9 @@ def batchable(instance: DagsterInstance) -> bool:
 
 
 def record_canceling(
-    instance: DagsterInstance, messages: Mapping[str, str], tags: Mapping[str, str]
+    instance: DagsterInstance,
+    messages: Mapping[str, str],
+    tags_for: Callable[[DagsterRun], Mapping[str, str]],
 ) -> dict[str, DagsterRunStatus]:
     """Tag and mark CANCELING the runs in ``messages`` (run id → audit line) that are still live.
 
@@ -73,7 +75,7 @@ def record_canceling(
             }
             now = get_current_datetime()
             for run in live.values():
-                _write_run(conn, run, tags, now)
+                _write_run(conn, run, tags_for(run), now)
             if live:
                 entries = [_canceling_entry(run, messages[run.run_id]) for run in live.values()]
                 conn.execute(events_storage.prepare_insert_event_batch(entries))

@@ -19,7 +19,7 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData
 from typing_extensions import Self
 
 from dagster_taskiq_cancel import claims
-from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
+from dagster_taskiq_cancel.cancel import request_cancel, retries_restored, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.messages import codec_for
 from dagster_taskiq_cancel.queues import SyncQueues
@@ -81,10 +81,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     def launch_run(self, context: LaunchRunContext) -> None:
         """Send the run's task. Bookkeeping tags the run carries from its parent (a re-execution,
         a run retry) or from its user decide nothing (its task and claim live in ``claims``);
-        the shown ones are cleared, so that the UI does not name the parent's worker."""
+        the shown ones are cleared, so that the UI does not name the parent's worker, and a
+        cancelled parent's ``max_retries: 0`` is undone (``retries_restored``)."""
         run = context.dagster_run
         message = run_task_message(run.run_id, codec_for(self.settings))
-        self._send(run, message, "run", {tag: "" for tag in SHOWN_TAGS if run.tags.get(tag)})
+        inherited = {tag: "" for tag in SHOWN_TAGS if run.tags.get(tag)}
+        self._send(run, message, "run", {**inherited, **retries_restored(self._instance, run)})
 
     @property
     def supports_resume_run(self) -> bool:

@@ -3,7 +3,7 @@
 The cancel path writes ``dagster/max_retries: 0`` before it records the intent; Dagster then
 computes ``dagster/will_retry: false`` when the run fails, and the auto-reexecution daemon's own
 selection (``filter_runs_to_should_retry``) leaves it out. An ordinary failing run is still
-selected for a retry.
+selected for a retry, and so is a re-execution of a terminated run.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from dagster import DagsterRunStatus
-from dagster._core.storage.tags import MAX_RETRIES_TAG, WILL_RETRY_TAG
+from dagster._core.storage.tags import (
+    MAX_RETRIES_TAG,
+    TAGS_TO_MAYBE_OMIT_ON_RETRY,
+    WILL_RETRY_TAG,
+)
 from dagster._daemon.auto_run_reexecution.auto_run_reexecution import (
     filter_runs_to_should_retry,
 )
@@ -63,3 +67,19 @@ def test_a_terminated_run_that_ends_failure_is_not_retried(
         assert not retried(deployment, terminated)
         assert deployment.tags(failing)[WILL_RETRY_TAG] == "true"
         assert retried(deployment, failing), "an ordinary failure is still retried"
+
+        # A re-execution inherits the parent's tags (as Dagster copies them), the cancel's
+        # max_retries 0 with them; its launch gives it back the retries the parent had before
+        # the cancel (the instance's 2).
+        inherited = {
+            key: value
+            for key, value in deployment.tags(terminated).items()
+            if key not in TAGS_TO_MAYBE_OMIT_ON_RETRY
+        }
+        again = deployment.create_run(
+            failing_job, tags=inherited, parent_run_id=terminated, root_run_id=terminated
+        )
+        deployment.instance.launch_run(again.run_id, workspace=None)  # type: ignore[arg-type]
+        deployment.wait_status(again.run_id, {FAILURE})
+        assert deployment.tags(again.run_id)[MAX_RETRIES_TAG] == "2"
+        assert retried(deployment, again.run_id), "a re-execution of a terminated run retries"

@@ -58,6 +58,7 @@ from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_canc
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.held import HeldTask, Phase
 from dagster_taskiq_cancel.worker.inflight import InFlight
+from dagster_taskiq_cancel.worker.pooled import close_connections, pool_connections
 from dagster_taskiq_cancel.worker.settle import cancel_released, reassert_if_overwritten, settle
 
 logger = logging.getLogger(__name__)
@@ -680,13 +681,17 @@ class Worker:
         self._beats.shutdown(wait=False)
         if self._beat_instance not in (None, self.instance):
             with contextlib.suppress(Exception):
+                close_connections(self._beat_instance)  # type: ignore[arg-type]
                 self._beat_instance.dispose()  # type: ignore[union-attr]
         shutil.rmtree(self._cancel_dir, ignore_errors=True)
 
 
 def own_instance(instance: DagsterInstance) -> DagsterInstance:
-    """The same storage through an instance (so connections) of its own; an in-memory one as is."""
-    return instance if instance.is_ephemeral else DagsterInstance.from_ref(instance.get_ref())
+    """The same storage through an instance (so connections, pooled) of its own; an in-memory
+    one as is."""
+    if instance.is_ephemeral:
+        return instance
+    return pool_connections(DagsterInstance.from_ref(instance.get_ref()))
 
 
 def resent_as(held: HeldTask, sent: claims.Sent | None) -> str | None:

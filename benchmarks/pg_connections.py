@@ -1,0 +1,69 @@
+"""Scenario: Postgres connections opened per busy worker per minute, beside main before the fleet
+work (``baseline.BEFORE_FLEET``).
+
+Two deployments on one private cluster, a database each: a worker of today's package and one of
+main's (its package first on the worker's path), each holding one run that sleeps through the
+window. The count is the server's: the connections each database accepted (``log_connections``)
+during one window, both workers busy at once. The run's own process sleeps in its op and opens
+none then; it is in both counts alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from dagster import DagsterRunStatus
+
+from benchmarks.baseline import BEFORE_FLEET, tree
+from benchmarks.harness import REPO, Context
+from benchmarks.stats import Row
+from dagster_taskiq_cancel.worker.pooled import RECYCLE_SECONDS
+from dagster_taskiq_cancel_tests.jobs import sleepy_job
+from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
+from dagster_taskiq_cancel_tests.stack import Deployment
+
+SCENARIO = "pg connections"
+SETTLE_S = 5.0  # after the op started: the worker's start-up and admission calls are over
+
+
+def run(ctx: Context) -> list[Row]:
+    window = ctx.size.idle_window_s
+    cluster = PostgresCluster(settings={"log_connections": "on"}).start()
+    deployments: dict[str, tuple[Deployment, str]] = {}
+    try:
+        for label, path in (("today", [REPO]), ("main", [tree(BEFORE_FLEET), REPO])):
+            database = cluster.database()
+            deployment = Deployment(
+                ctx.scratch(f"pgconn-{label}"), ctx.endpoint_url, storage_config(database)
+            )
+            deployments[label] = (deployment, str(database["db_name"]))
+            deployment.env["PYTHONPATH"] = os.pathsep.join(str(p) for p in path)
+            deployment.start_worker()
+            run_id = deployment.launch(sleepy_job, seconds=window + 10 * SETTLE_S)
+            deployment.op_pid(run_id)
+        time.sleep(SETTLE_S)  # not a synchronisation: start-up's calls are not the figure
+        before = {label: cluster.connections_opened(db) for label, (_, db) in deployments.items()}
+        time.sleep(window)  # the measurement itself: both workers busy for the window
+        after = {label: cluster.connections_opened(db) for label, (_, db) in deployments.items()}
+        for deployment, _ in deployments.values():
+            still = deployment.instance.get_runs()[0].status
+            if still != DagsterRunStatus.STARTED:
+                raise AssertionError(f"a run ended during the window: {still}")
+    finally:
+        for deployment, _ in deployments.values():
+            deployment.stop()
+        cluster.stop()
+    per_minute = {label: (after[label] - before[label]) * 60 / window for label in after}
+    return [
+        Row(
+            SCENARIO,
+            "Postgres connections opened / busy worker / min",
+            [per_minute["today"]],
+            f"main {BEFORE_FLEET} (NullPool)",
+            [per_minute["main"]],
+            note=f"one {window:.0f} s window, both workers holding a sleeping run; counted by the "
+            f"server (log_connections); today's steady state also renews its 2 kept connections "
+            f"every {RECYCLE_SECONDS} s: {2 * 60 / RECYCLE_SECONDS:.1f} / min",
+        )
+    ]

@@ -8,6 +8,7 @@ root (CI) the server runs as the ``postgres`` user that Debian's package creates
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import re
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -212,11 +213,16 @@ class PostgresCluster:
         finally:
             connection.close()
 
-    def restart(self) -> None:
-        """A server restart: fast shutdown (every backend ends), then the same data and port."""
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The server shut down (fast: every backend ends) for the block; then up again on the
+        same data and port, as after a restart."""
         assert self.process is not None
         stop_process(self.process, signal.SIGINT, timeout=30)
-        self._serve(server_bin())
+        try:
+            yield
+        finally:
+            self._serve(server_bin())
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT) by the postmaster's pid; SIGKILL if it does not go."""

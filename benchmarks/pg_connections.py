@@ -18,7 +18,7 @@ from dagster import DagsterRunStatus
 from benchmarks.baseline import BEFORE_FLEET, tree
 from benchmarks.harness import REPO, Context
 from benchmarks.stats import Row
-from dagster_taskiq_cancel.worker.pooled import RECYCLE_SECONDS
+from dagster_taskiq_cancel.storage_pool import RECYCLE_SECONDS
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import Deployment

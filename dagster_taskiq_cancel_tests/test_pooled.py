@@ -16,8 +16,8 @@ from dagster import DagsterInstance
 from dagster_postgres.utils import DagsterPostgresException
 
 from dagster_taskiq_cancel import claims, heartbeats
+from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.worker.authority import held_runs, run_started
-from dagster_taskiq_cancel.worker.pooled import close_connections, pool_connections
 from dagster_taskiq_cancel.worker.worker import own_instance
 from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import wait_for

@@ -17,8 +17,8 @@ from taskiq.receiver import Receiver
 from dagster_taskiq_cancel import hints, metrics
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.worker import health, keys
-from dagster_taskiq_cancel.worker.pooled import close_connections, pool_connections
 from dagster_taskiq_cancel.worker.worker import Worker
 
 logger = logging.getLogger(__name__)

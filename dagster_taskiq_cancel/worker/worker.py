@@ -50,6 +50,7 @@ from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import announce
 from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, task_message
 from dagster_taskiq_cancel.worker import children, keys, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
@@ -58,7 +59,6 @@ from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_canc
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.held import HeldTask, Phase
 from dagster_taskiq_cancel.worker.inflight import InFlight
-from dagster_taskiq_cancel.worker.pooled import close_connections, pool_connections
 from dagster_taskiq_cancel.worker.settle import cancel_released, reassert_if_overwritten, settle
 
 logger = logging.getLogger(__name__)

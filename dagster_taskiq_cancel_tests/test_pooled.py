@@ -7,6 +7,7 @@ a private cluster that logs every connection it accepts: the count is the server
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from dagster import DagsterInstance
 from dagster_postgres.utils import DagsterPostgresException
 
 from dagster_taskiq_cancel import claims, heartbeats
+from dagster_taskiq_cancel.cancel import WRITERS, pooled_instance
 from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.worker.authority import held_runs, run_started
 from dagster_taskiq_cancel.worker.worker import own_instance
@@ -143,6 +145,19 @@ def test_a_call_while_the_server_is_down_fails_and_the_next_one_works(
     with cluster.down(), pytest.raises(DagsterPostgresException):
         held_runs(instance, {run_id})
     assert held_runs(instance, {run_id})[run_id] is not None
+
+
+def test_a_bulk_cancel_keeps_a_connection_per_writer_and_closes_them(
+    cluster: PostgresCluster, database: Mapping[str, Any], instance: DagsterInstance
+) -> None:
+    """Each of its writer threads keeps one connection; all closed when the cancel is done."""
+    db_name = database["db_name"]
+    run_id = make_run(instance).run_id
+    with pooled_instance(instance) as pooled, ThreadPoolExecutor(WRITERS) as writers:
+        before = cluster.connections_opened(db_name)  # after the instance's own start-up
+        list(writers.map(lambda _: poll_round(pooled, run_id), range(WRITERS * ROUNDS)))
+        assert cluster.connections_opened(db_name) - before <= WRITERS
+    wait_for(lambda: not cluster.backends(db_name), 10, "the bulk cancel's connections closed")
 
 
 def test_sqlite_is_left_as_dagster_makes_it(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ none then; it is in both counts alike.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -29,31 +30,31 @@ SETTLE_S = 5.0  # after the op started: the worker's start-up and admission call
 
 def run(ctx: Context) -> list[Row]:
     window = ctx.size.idle_window_s
-    cluster = PostgresCluster(settings={"log_connections": "on"}).start()
-    deployments: dict[str, tuple[Deployment, str]] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        cluster = PostgresCluster(settings={"log_connections": "on"}).start()
+        stack.callback(cluster.stop)  # last: after the workers stopped
+        databases: dict[str, str] = {}
+        held: list[tuple[Deployment, str]] = []
         for label, path in (("today", [REPO]), ("main", [tree(BEFORE_FLEET), REPO])):
             database = cluster.database()
-            deployment = Deployment(
-                ctx.scratch(f"pgconn-{label}"), ctx.endpoint_url, storage_config(database)
+            databases[label] = str(database["db_name"])
+            deployment = stack.enter_context(
+                Deployment(
+                    ctx.scratch(f"pgconn-{label}"), ctx.endpoint_url, storage_config(database)
+                )
             )
-            deployments[label] = (deployment, str(database["db_name"]))
             deployment.env["PYTHONPATH"] = os.pathsep.join(str(p) for p in path)
             deployment.start_worker()
             run_id = deployment.launch(sleepy_job, seconds=window + 10 * SETTLE_S)
             deployment.op_pid(run_id)
+            held.append((deployment, run_id))
         time.sleep(SETTLE_S)  # not a synchronisation: start-up's calls are not the figure
-        before = {label: cluster.connections_opened(db) for label, (_, db) in deployments.items()}
+        before = {label: cluster.connections_opened(db) for label, db in databases.items()}
         time.sleep(window)  # the measurement itself: both workers busy for the window
-        after = {label: cluster.connections_opened(db) for label, (_, db) in deployments.items()}
-        for deployment, _ in deployments.values():
-            still = deployment.instance.get_runs()[0].status
-            if still != DagsterRunStatus.STARTED:
-                raise AssertionError(f"a run ended during the window: {still}")
-    finally:
-        for deployment, _ in deployments.values():
-            deployment.stop()
-        cluster.stop()
+        after = {label: cluster.connections_opened(db) for label, db in databases.items()}
+        statuses = [deployment.status(run_id) for deployment, run_id in held]
+        if set(statuses) != {DagsterRunStatus.STARTED}:
+            raise AssertionError(f"a run ended during the window: {statuses}")
     per_minute = {label: (after[label] - before[label]) * 60 / window for label in after}
     return [
         Row(

@@ -14,6 +14,7 @@ from benchmarks import (
     cancel_latency,
     dispatch,
     idle_cost,
+    pg_connections,
     scaling,
     ui_header,
     ui_terminate,
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bulk": bulk_cancel.run,
     "header": ui_header.run,
     "default": beside_default.run,
+    "pgconn": pg_connections.run,
 }
 
 

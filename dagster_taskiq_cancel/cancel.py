@@ -29,6 +29,7 @@ from dagster._core.storage.tags import MAX_RETRIES_TAG
 from dagster_taskiq_cancel import claims, hints, intents
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.tasks import TAG_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -194,15 +195,17 @@ def pooled_instance(instance: DagsterInstance) -> Iterator[DagsterInstance]:
 
     dagster-postgres opens a new connection for every storage call (NullPool): about 20 ms
     each with password authentication, most of what a cancel's five storage calls cost.
-    dagster-webserver holds a pool for the same reason; a bulk cancel holds one on an instance
-    of its own, so the caller's instance is left as it was.
+    dagster-webserver holds a pool for the same reason; a bulk cancel holds one (a connection
+    per writer) on an instance of its own, so the caller's instance is left as it was.
     """
     if instance.is_ephemeral:  # in memory: nothing to connect to
         yield instance
         return
     with DagsterInstance.from_ref(instance.get_ref()) as pooled:
-        pooled.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=WRITERS)
-        yield pooled
+        try:
+            yield pool_connections(pooled, threads=WRITERS)
+        finally:
+            close_connections(pooled)
 
 
 @dataclass(frozen=True)

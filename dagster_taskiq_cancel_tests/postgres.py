@@ -8,15 +8,17 @@ root (CI) the server runs as the ``postgres`` user that Debian's package creates
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +61,11 @@ def free_port() -> int:
 class PostgresCluster:
     """One initdb'd data directory and its postmaster; ``database()`` makes one per test."""
 
-    def __init__(self, durable: bool = False) -> None:
-        """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them."""
+    def __init__(self, durable: bool = False, settings: Mapping[str, str] | None = None) -> None:
+        """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them.
+        ``settings`` are more server settings (``log_connections``: ``connections_opened``)."""
         self.durable = durable
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.gettempdir())  # set by start()
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -117,6 +121,11 @@ class PostgresCluster:
         )
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}")
+        self._serve(bin_dir)
+
+    def _serve(self, bin_dir: Path) -> None:
+        """The postmaster on the data directory and port: at start, and again at a restart."""
+        data, sockets = self.root / "data", self.root / "sockets"
         self.process = subprocess.Popen(
             [
                 str(bin_dir / "postgres"),
@@ -132,8 +141,13 @@ class PostgresCluster:
                 "max_connections=400",
                 # Throwaway test data: no need to wait for the disk on every commit.
                 *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off"]),
+                *[
+                    arg
+                    for name, value in self.settings.items()
+                    for arg in ("-c", f"{name}={value}")
+                ],
             ],
-            stdout=self.log.open("wb"),
+            stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             **self._as,
@@ -176,6 +190,39 @@ class PostgresCluster:
             "port": self.port,
             "db_name": name,
         }
+
+    def connections_opened(self, db_name: str) -> int:
+        """Connections the server has accepted to ``db_name`` so far: its log's lines, written by
+        each backend as it starts (needs ``log_connections``)."""
+        line = rf"connection authorized: user={SERVER_USER} database={db_name}\b"
+        return len(re.findall(line, self.log.read_text(errors="replace")))
+
+    def backends(self, db_name: str) -> set[int]:
+        """The pids of the client backends connected to ``db_name`` now."""
+        query = "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()"
+        return {int(row[0]) for row in self.execute(query, (db_name,))}
+
+    def execute(self, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """One statement as the superuser, outside a transaction; its rows."""
+        connection = self._connect("postgres")
+        try:
+            connection.autocommit = True
+            with connection.cursor() as cursor:
+                cursor.execute(statement, params)
+                return list(cursor.fetchall()) if cursor.description else []
+        finally:
+            connection.close()
+
+    @contextlib.contextmanager
+    def down(self) -> Iterator[None]:
+        """The server shut down (fast: every backend ends) for the block; then up again on the
+        same data and port, as after a restart."""
+        assert self.process is not None
+        stop_process(self.process, signal.SIGINT, timeout=30)
+        try:
+            yield
+        finally:
+            self._serve(server_bin())
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT) by the postmaster's pid; SIGKILL if it does not go."""

@@ -17,6 +17,7 @@ from taskiq.receiver import Receiver
 from dagster_taskiq_cancel import hints, metrics
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.worker import health, keys
 from dagster_taskiq_cancel.worker.worker import Worker
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> None:
     """Serve until SIGTERM/SIGINT; then stop receiving, drain, and stop what is left."""
+    pool_connections(instance)  # a long-lived process: keep its Postgres connection
     keys.warn_if_written(instance)
     endpoint = health.serve_process(settings)
     worker = Worker(settings, instance)
@@ -48,6 +50,7 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
     finally:
         await worker.broker.shutdown()
         worker.close()
+        close_connections(instance)
         if endpoint is not None:
             endpoint.close()
 

@@ -50,6 +50,7 @@ from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import announce
 from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
+from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
 from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, task_message
 from dagster_taskiq_cancel.worker import children, keys, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
@@ -680,13 +681,17 @@ class Worker:
         self._beats.shutdown(wait=False)
         if self._beat_instance not in (None, self.instance):
             with contextlib.suppress(Exception):
+                close_connections(self._beat_instance)  # type: ignore[arg-type]
                 self._beat_instance.dispose()  # type: ignore[union-attr]
         shutil.rmtree(self._cancel_dir, ignore_errors=True)
 
 
 def own_instance(instance: DagsterInstance) -> DagsterInstance:
-    """The same storage through an instance (so connections) of its own; an in-memory one as is."""
-    return instance if instance.is_ephemeral else DagsterInstance.from_ref(instance.get_ref())
+    """The same storage through an instance (so connections, pooled) of its own; an in-memory
+    one as is."""
+    if instance.is_ephemeral:
+        return instance
+    return pool_connections(DagsterInstance.from_ref(instance.get_ref()))
 
 
 def resent_as(held: HeldTask, sent: claims.Sent | None) -> str | None:

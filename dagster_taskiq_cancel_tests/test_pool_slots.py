@@ -1,0 +1,146 @@
+"""A stopped run or step frees its Dagster concurrency pool slot, even past a storage fault.
+
+The fast tier: a real ``Worker`` in-process against a real sqlite instance, a sleeping child per
+held task, and one fault at the storage call that frees the slot: the worker's settle is
+retried until the storage answers, so the slot is freed all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from dagster import DagsterInstance, DagsterRunStatus
+
+from dagster_taskiq_cancel import claims
+from dagster_taskiq_cancel.worker import children
+from dagster_taskiq_cancel.worker.held import HeldTask
+from dagster_taskiq_cancel.worker.worker import Worker
+from dagster_taskiq_cancel_tests import test_worker_faults as faults
+from dagster_taskiq_cancel_tests.test_worker_faults import (
+    fail_next,
+    hold,
+    read,
+    run,
+    started_run,
+    status,
+    until,
+)
+
+# The fault tier's fixtures: a real sqlite instance and a Worker on it that sends nothing.
+instance = faults.instance
+worker = faults.worker
+
+POOL = "db"
+
+
+def claimed(instance: DagsterInstance) -> list[tuple[str, str]]:
+    """(run id, step key) of every claimed slot of the pool."""
+    info = instance.event_log_storage.get_concurrency_info(POOL)
+    return [(slot.run_id, slot.step_key) for slot in info.claimed_slots]
+
+
+def holding_a_slot(instance: DagsterInstance, run_id: str, step_key: str) -> None:
+    """The pool has one slot, and ``step_key`` of ``run_id`` holds it (as its executor claims)."""
+    storage = instance.event_log_storage
+    assert storage.supports_global_concurrency_limits
+    storage.set_concurrency_slots(POOL, 1)
+    assert storage.claim_concurrency_slot(POOL, run_id, step_key).is_claimed
+    assert claimed(instance) == [(run_id, step_key)]
+
+
+async def hold_step(worker: Worker, run_id: str, step_key: str) -> asyncio.Task[None]:
+    """A step task of ``run_id`` held by ``worker``: a sleeping child, as after admission."""
+    task_id = f"{run_id}-{step_key}-0"
+    assert claims.claim(worker.instance, task_id, worker.worker_id)
+    argv = [sys.executable, "-c", "import time; time.sleep(120)"]
+    process = await children.spawn(argv, os.environ)
+    cancel_file = Path(worker._cancel_dir) / task_id
+    held = HeldTask(task_id, run_id, step_key, process, {}, cancel_file)
+    task = asyncio.get_running_loop().create_task(worker._run_child(held))
+    await until(lambda: task_id in worker.held, 5, "the step task held")
+    return task
+
+
+def test_a_cancelled_run_frees_its_slots_though_the_first_free_fails(
+    worker: Worker, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run of a run-level executor: its steps' slots go with its processes."""
+    run_id = started_run(instance, tmp_path)
+    holding_a_slot(instance, run_id, "sleeper")
+
+    async def scenario() -> None:
+        _held, child = await hold(worker, run_id)
+        instance.report_run_canceling(read(instance, run_id))
+        storage = instance.event_log_storage
+        failed = fail_next(monkeypatch, storage, "free_concurrency_slots_for_run", 1)
+        await worker.check_held()
+        await asyncio.wait_for(child, 10)
+        await until(lambda: not claimed(instance), 10, "the slot freed")
+        assert failed[0] == 1
+        assert status(instance, run_id) == DagsterRunStatus.CANCELED
+
+    run(scenario)
+
+
+def test_a_run_whose_process_died_frees_its_slots_though_the_first_free_fails(
+    worker: Worker, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody cancelled it: the worker fails the run, and its slots are free all the same."""
+    run_id = started_run(instance, tmp_path)
+    holding_a_slot(instance, run_id, "sleeper")
+
+    async def scenario() -> None:
+        held, child = await hold(worker, run_id)
+        storage = instance.event_log_storage
+        failed = fail_next(monkeypatch, storage, "free_concurrency_slots_for_run", 1)
+        held.process.kill()  # an OOM kill
+        await asyncio.wait_for(child, 10)
+        failure = lambda: status(instance, run_id) == DagsterRunStatus.FAILURE  # noqa: E731
+        await until(failure, 10, "the run failed by the worker")
+        assert not claimed(instance)
+        assert failed[0] == 1
+
+    run(scenario)
+
+
+def test_a_stopped_step_of_a_cancelled_run_frees_its_slot_though_the_first_free_fails(
+    worker: Worker, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step task: its run's process stopped reading the step's end at the interrupt."""
+    run_id = started_run(instance, tmp_path)
+    holding_a_slot(instance, run_id, "sleeper")
+
+    async def scenario() -> None:
+        child = await hold_step(worker, run_id, "sleeper")
+        storage = instance.event_log_storage
+        failed = fail_next(monkeypatch, storage, "free_concurrency_slot_for_step", 1)
+        instance.report_run_canceling(read(instance, run_id))
+        await worker.check_held()
+        await asyncio.wait_for(child, 10)
+        await until(lambda: not claimed(instance), 10, "the slot freed")
+        assert failed[0] == 1
+
+    run(scenario)
+
+
+def test_a_step_of_a_live_run_leaves_its_slot_to_the_run(
+    worker: Worker, instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """The run's executor frees it on reading the step's end, and may claim it again for a
+    retry: the worker must not free that one."""
+    run_id = started_run(instance, tmp_path)
+    holding_a_slot(instance, run_id, "sleeper")
+
+    async def scenario() -> None:
+        child = await hold_step(worker, run_id, "sleeper")
+        (held,) = worker.held.values()
+        held.process.kill()
+        await asyncio.wait_for(child, 10)
+        await until(lambda: held.settled.is_set(), 10, "settled")
+        assert claimed(instance) == [(run_id, "sleeper")]
+
+    run(scenario)

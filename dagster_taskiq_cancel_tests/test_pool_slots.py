@@ -13,13 +13,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.worker import children
+from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
 from dagster_taskiq_cancel.worker.held import HeldTask
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests import test_worker_faults as faults
+from dagster_taskiq_cancel_tests.pool_jobs import pooled_job
 from dagster_taskiq_cancel_tests.test_worker_faults import (
     fail_next,
     hold,
@@ -144,3 +146,60 @@ def test_a_step_of_a_live_run_leaves_its_slot_to_the_run(
         assert claimed(instance) == [(run_id, "sleeper")]
 
     run(scenario)
+
+
+def pending(instance: DagsterInstance, run_id: str) -> list[str]:
+    info = instance.event_log_storage.get_concurrency_info(POOL)
+    return [step.step_key for step in info.pending_steps if step.run_id == run_id]
+
+
+def test_a_killed_taskiq_run_frees_the_claims_of_steps_it_never_sent(
+    worker: Worker, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its process died holding one step waiting for a slot and one sent (held elsewhere): the
+    waiting one is freed, past a fault; the sent one stays its holder's to free."""
+    config = {"ops": {"pooled": {"config": {"marker_dir": str(tmp_path)}}}}
+    run_id = instance.create_run_for_job(pooled_job, run_config=config).run_id
+    for kind in [DagsterEventType.RUN_STARTING, DagsterEventType.RUN_START]:
+        event = DagsterEvent(kind.value, job_name=pooled_job.name)
+        instance.report_dagster_event(event, run_id)
+    claims.record_sent(instance, run_id, run_id)
+    storage = instance.event_log_storage
+    storage.set_concurrency_slots(POOL, 2)
+    assert storage.claim_concurrency_slot(POOL, run_id, "sent").is_claimed
+    assert storage.claim_concurrency_slot(POOL, "another-run", "theirs").is_claimed
+    assert not storage.claim_concurrency_slot(POOL, run_id, "waiting").is_claimed
+    assert "waiting" in pending(instance, run_id)
+
+    async def scenario() -> None:
+        _held, child = await hold(worker, run_id)
+        instance.report_run_canceling(read(instance, run_id))
+        failed = fail_next(monkeypatch, storage, "get_concurrency_keys", 1)
+        await worker.check_held()
+        await asyncio.wait_for(child, 10)
+        await until(lambda: "waiting" not in pending(instance, run_id), 10, "the claim freed")
+        assert failed[0] == 1
+        assert set(claimed(instance)) == {("another-run", "theirs"), (run_id, "sent")}
+
+    run(scenario)
+
+
+def test_a_cancelled_runs_step_skipped_at_dequeue_frees_its_slot_unless_claimed(
+    instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent, but its run cancelled before any worker took it: the skipping worker frees its
+    slot (a failed free hands the task back, and the next try frees it); a task another worker
+    claimed is left to that worker."""
+    run_id = started_run(instance, tmp_path)
+    holding_a_slot(instance, run_id, "sleeper")
+    instance.report_run_canceling(read(instance, run_id))
+    gate = Gate(instance, "worker-b", tmp_path)
+    claims.claim(instance, f"{run_id}-sleeper-0", "worker-a")
+    assert gate.admit(f"{run_id}-sleeper-0", run_id, "sleeper", 0, False) is not None
+    assert claimed(instance) == [(run_id, "sleeper")], "worker-a holds it"
+    task_id = f"{run_id}-sleeper-1"
+    fail_next(monkeypatch, instance.event_log_storage, "free_concurrency_slot_for_step", 1)
+    with pytest.raises(NotClaimed):
+        gate.admit(task_id, run_id, "sleeper", 1, False)
+    assert gate.admit(task_id, run_id, "sleeper", 1, False) == DagsterRunStatus.CANCELING
+    assert not claimed(instance)

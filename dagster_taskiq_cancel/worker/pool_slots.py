@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dagster import DagsterInstance, DagsterRun
 
+from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.worker.authority import is_cancelled
 
 
@@ -33,3 +34,27 @@ def free_run(instance: DagsterInstance, run_id: str) -> None:
     storage = instance.event_log_storage
     if storage.supports_global_concurrency_limits:
         storage.free_concurrency_slots_for_run(run_id)
+
+
+def free_unclaimed_step(
+    instance: DagsterInstance, run_id: str, step_key: str, task_id: str
+) -> None:
+    """Free the slot of a cancelled run's step task skipped at dequeue, unless a worker claimed
+    the task: that worker frees it once the step's processes are gone."""
+    if claims.claim_of(instance, task_id) is None:
+        free_step(instance, run_id, step_key)
+
+
+def free_unsent(instance: DagsterInstance, run_id: str) -> None:
+    """Free the claims of a run's steps that its executor never sent: those still waiting for
+    a slot, or holding one it got just before its process was killed. A sent step holds its
+    slot until its own holder frees it."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    for pool in storage.get_concurrency_keys():
+        info = storage.get_concurrency_info(pool)
+        holding = {slot.step_key for slot in info.claimed_slots if slot.run_id == run_id}
+        for pending in info.pending_steps:
+            if pending.run_id == run_id and pending.step_key not in holding:
+                storage.free_concurrency_slot_for_step(run_id, pending.step_key)

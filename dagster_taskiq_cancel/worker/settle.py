@@ -81,9 +81,11 @@ def settle(
 
 
 def free_run_slots(instance: DagsterInstance, run: DagsterRun) -> None:
-    """The pool slots of a run whose process is gone, unless its steps ran elsewhere: each step
-    task of ``taskiq_executor`` frees its own when its processes are gone (``pool_slots``)."""
-    if not keys.sends_steps(instance, run):
+    """The pool slots of a run whose process is gone; of a ``taskiq_executor`` run only those of
+    steps never sent, as each step task frees its own when its processes are gone."""
+    if keys.sends_steps(instance, run):
+        pool_slots.free_unsent(instance, run.run_id)
+    else:
         pool_slots.free_run(instance, run.run_id)
 
 

@@ -8,17 +8,13 @@ retried until the storage answers, so the slot is freed all the same.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 
 import pytest
 from dagster import DagsterEvent, DagsterEventType, DagsterInstance, DagsterRunStatus
 
 from dagster_taskiq_cancel import claims
-from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
-from dagster_taskiq_cancel.worker.held import HeldTask
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests import test_worker_faults as faults
 from dagster_taskiq_cancel_tests.pool_jobs import pooled_job
@@ -37,6 +33,7 @@ instance = faults.instance
 worker = faults.worker
 
 POOL = "db"
+FREE_RUN = "free_concurrency_slots_for_run"
 
 
 def claimed(instance: DagsterInstance) -> list[tuple[str, str]]:
@@ -54,56 +51,35 @@ def holding_a_slot(instance: DagsterInstance, run_id: str, step_key: str) -> Non
     assert claimed(instance) == [(run_id, step_key)]
 
 
-async def hold_step(worker: Worker, run_id: str, step_key: str) -> asyncio.Task[None]:
-    """A step task of ``run_id`` held by ``worker``: a sleeping child, as after admission."""
-    task_id = f"{run_id}-{step_key}-0"
-    assert claims.claim(worker.instance, task_id, worker.worker_id)
-    argv = [sys.executable, "-c", "import time; time.sleep(120)"]
-    process = await children.spawn(argv, os.environ)
-    cancel_file = Path(worker._cancel_dir) / task_id
-    held = HeldTask(task_id, run_id, step_key, process, {}, cancel_file)
-    task = asyncio.get_running_loop().create_task(worker._run_child(held))
-    await until(lambda: task_id in worker.held, 5, "the step task held")
-    return task
-
-
-def test_a_cancelled_run_frees_its_slots_though_the_first_free_fails(
-    worker: Worker, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("cancelled", "ends"),
+    [(True, DagsterRunStatus.CANCELED), (False, DagsterRunStatus.FAILURE)],
+    ids=["cancelled", "process-died"],
+)
+def test_a_run_whose_processes_are_gone_frees_its_slots_though_the_first_free_fails(
+    worker: Worker,
+    instance: DagsterInstance,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cancelled: bool,
+    ends: DagsterRunStatus,
 ) -> None:
-    """A run of a run-level executor: its steps' slots go with its processes."""
-    run_id = started_run(instance, tmp_path)
-    holding_a_slot(instance, run_id, "sleeper")
-
-    async def scenario() -> None:
-        _held, child = await hold(worker, run_id)
-        instance.report_run_canceling(read(instance, run_id))
-        storage = instance.event_log_storage
-        failed = fail_next(monkeypatch, storage, "free_concurrency_slots_for_run", 1)
-        await worker.check_held()
-        await asyncio.wait_for(child, 10)
-        await until(lambda: not claimed(instance), 10, "the slot freed")
-        assert failed[0] == 1
-        assert status(instance, run_id) == DagsterRunStatus.CANCELED
-
-    run(scenario)
-
-
-def test_a_run_whose_process_died_frees_its_slots_though_the_first_free_fails(
-    worker: Worker, instance: DagsterInstance, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Nobody cancelled it: the worker fails the run, and its slots are free all the same."""
+    """A run of a run-level executor, stopped by its cancel or dead by itself (an OOM kill, the
+    worker fails it): its steps' slots go with its processes."""
     run_id = started_run(instance, tmp_path)
     holding_a_slot(instance, run_id, "sleeper")
 
     async def scenario() -> None:
         held, child = await hold(worker, run_id)
-        storage = instance.event_log_storage
-        failed = fail_next(monkeypatch, storage, "free_concurrency_slots_for_run", 1)
-        held.process.kill()  # an OOM kill
+        failed = fail_next(monkeypatch, instance.event_log_storage, FREE_RUN, 1)
+        if cancelled:
+            instance.report_run_canceling(read(instance, run_id))
+            await worker.check_held()
+        else:
+            held.process.kill()
         await asyncio.wait_for(child, 10)
-        failure = lambda: status(instance, run_id) == DagsterRunStatus.FAILURE  # noqa: E731
-        await until(failure, 10, "the run failed by the worker")
-        assert not claimed(instance)
+        await until(lambda: status(instance, run_id) == ends, 10, f"the run {ends.value}")
+        await until(lambda: not claimed(instance), 10, "the slot freed")
         assert failed[0] == 1
 
     run(scenario)
@@ -117,7 +93,7 @@ def test_a_stopped_step_of_a_cancelled_run_frees_its_slot_though_the_first_free_
     holding_a_slot(instance, run_id, "sleeper")
 
     async def scenario() -> None:
-        child = await hold_step(worker, run_id, "sleeper")
+        _held, child = await hold(worker, run_id, "sleeper")
         storage = instance.event_log_storage
         failed = fail_next(monkeypatch, storage, "free_concurrency_slot_for_step", 1)
         instance.report_run_canceling(read(instance, run_id))
@@ -138,8 +114,7 @@ def test_a_step_of_a_live_run_leaves_its_slot_to_the_run(
     holding_a_slot(instance, run_id, "sleeper")
 
     async def scenario() -> None:
-        child = await hold_step(worker, run_id, "sleeper")
-        (held,) = worker.held.values()
+        held, child = await hold(worker, run_id, "sleeper")
         held.process.kill()
         await asyncio.wait_for(child, 10)
         await until(lambda: held.settled.is_set(), 10, "settled")

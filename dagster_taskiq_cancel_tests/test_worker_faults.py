@@ -123,15 +123,19 @@ def started_run(instance: DagsterInstance, tmp_path: Path, cancel_first: bool = 
     return run.run_id
 
 
-async def hold(worker: Worker, run_id: str) -> tuple[HeldTask, asyncio.Task[None]]:
-    """A run task of ``run_id`` held by ``worker``: a sleeping child, as after admission."""
-    assert claims.claim(worker.instance, run_id, worker.worker_id)
+async def hold(
+    worker: Worker, run_id: str, step_key: str | None = None
+) -> tuple[HeldTask, asyncio.Task[None]]:
+    """A run task of ``run_id`` (or a step task of ``step_key``) held by ``worker``: a sleeping
+    child, as after admission."""
+    task_id = run_id if step_key is None else f"{run_id}-{step_key}-0"
+    assert claims.claim(worker.instance, task_id, worker.worker_id)
     argv = [sys.executable, "-c", "import time; time.sleep(120)"]
     process = await children.spawn(argv, os.environ)
-    cancel_file = Path(worker._cancel_dir) / run_id
-    held = HeldTask(run_id, run_id, None, process, {}, cancel_file)
+    cancel_file = Path(worker._cancel_dir) / task_id
+    held = HeldTask(task_id, run_id, step_key, process, {}, cancel_file)
     task = asyncio.get_running_loop().create_task(worker._run_child(held))
-    await until(lambda: run_id in worker.held, 5, "the task held")
+    await until(lambda: task_id in worker.held, 5, "the task held")
     return held, task
 
 

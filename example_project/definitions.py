@@ -1,5 +1,6 @@
-"""The demo code location: quick assets, a long asset to terminate, a fan-out job on the fleet,
-and an op that cleans up when interrupted."""
+"""The demo code location: quick assets, a long asset to terminate, a fan-out job on the fleet
+whose steps share a concurrency pool, an asset for the gpu workers, and an op that cleans up
+when interrupted."""
 
 import time
 from collections.abc import Iterator
@@ -24,6 +25,20 @@ def numbers() -> list[int]:
 @dg.asset
 def total(numbers: list[int]) -> int:
     return sum(numbers)
+
+
+# Names the queue (pool of workers) a run or step goes to: a `gpu` worker serves this one.
+GPU_QUEUE = {"dagster-taskiq/queue": "gpu"}
+# A Dagster concurrency pool: `dagster instance concurrency set warehouse 2` (or the limit set
+# on the UI's pool page) caps its steps across all runs.
+WAREHOUSE_POOL = "warehouse"
+
+
+@dg.asset(op_tags=GPU_QUEUE)
+def embeddings(context: dg.AssetExecutionContext, numbers: list[int]) -> list[float]:
+    """Its step goes to the `gpu` queue, whichever queue its run is on."""
+    context.log.info(f"embedding {len(numbers)} numbers on a gpu worker")
+    return [n / 10 for n in numbers]
 
 
 class LongConfig(dg.Config):
@@ -63,7 +78,7 @@ def split() -> Iterator[dg.DynamicOutput[int]]:
         yield dg.DynamicOutput(i, mapping_key=str(i))
 
 
-@dg.op
+@dg.op(pool=WAREHOUSE_POOL)
 def square(context: dg.OpExecutionContext, value: int) -> int:
     context.log.info(f"squaring {value} on a taskiq worker")
     time.sleep(2)
@@ -78,7 +93,8 @@ def add_up(context: dg.OpExecutionContext, values: list[int]) -> int:
 
 @dg.job(executor_def=taskiq_executor)
 def fan_out_job() -> None:
-    """Every step runs as its own taskiq task, spread over the workers."""
+    """Every step runs as its own taskiq task, spread over the workers; the squares wait for a
+    slot of the `warehouse` pool, and Terminate frees the slots the run held."""
     add_up(split().map(square).collect())
 
 
@@ -89,10 +105,14 @@ def cleanup_job() -> None:
 
 long_job = dg.define_asset_job("long_job", selection=[long_running])
 quick_job = dg.define_asset_job("quick_job", selection=[numbers, total])
+# Its steps run on the workers: `embeddings` on a gpu worker, `numbers` on the main queue's.
+gpu_job = dg.define_asset_job(
+    "gpu_job", selection=[numbers, embeddings], executor_def=taskiq_executor
+)
 
 defs = dg.Definitions(
-    assets=[numbers, total, long_running],
-    jobs=[long_job, quick_job, fan_out_job, cleanup_job],
+    assets=[numbers, total, embeddings, long_running],
+    jobs=[long_job, quick_job, gpu_job, fan_out_job, cleanup_job],
     resources={"taskiq": TaskiqCancelResource()},
     sensors=[cancel_reconciliation_sensor],
 )

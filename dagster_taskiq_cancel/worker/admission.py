@@ -26,7 +26,7 @@ from dagster._serdes import serialize_value
 from dagster_taskiq_cancel import claims, metrics
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV
 from dagster_taskiq_cancel.tasks import TASK_ID_TAG, WORKER_ID_TAG, claim_tag
-from dagster_taskiq_cancel.worker import children, keys
+from dagster_taskiq_cancel.worker import children, keys, pool_slots
 from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, has_ended, is_cancelled
 from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
 
@@ -99,6 +99,8 @@ class Gate:
             return None
         if is_cancelled(run.status):
             logger.info("Skipping task %s: run %s is %s", task_id, run_id, run.status.value)
+            if step_key is not None:
+                pool_slots.free_unclaimed_step(self.instance, run_id, step_key, task_id)
             return run.status
         if has_ended(run.status):
             logger.info(

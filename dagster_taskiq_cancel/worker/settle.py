@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
 
-from dagster_taskiq_cancel.worker import records, scale_in
+from dagster_taskiq_cancel.worker import keys, pool_slots, records, scale_in
 from dagster_taskiq_cancel.worker.authority import cancel_recorded, is_cancelled
 from dagster_taskiq_cancel.worker.canceled import record_canceled, what_stopped
 from dagster_taskiq_cancel.worker.held import HeldTask
@@ -39,6 +39,8 @@ def settle(
         return False
     run = instance.get_run_by_id(held.run_id)
     if run is None or held.step_key is not None:
+        if run is not None and held.step_key is not None and pool_slots.past_its_executor(run):
+            pool_slots.free_step(instance, run.run_id, held.step_key)
         return held.cancel and held.stop_started_at is not None and not held.before_start
     if not held.cancel and run.status != DagsterRunStatus.SUCCESS:
         held.cancel = is_cancelled(run.status) or cancel_recorded(instance, run.run_id)
@@ -52,6 +54,8 @@ def settle(
         )
     if not held.cancel:
         if not run.is_finished:
+            # Slots first: a retried settle finds the run FAILURE and writes nothing again.
+            free_run_slots(instance, run)
             instance.report_run_failed(
                 run,
                 f"Run process on worker {worker_id} exited with code {returncode} "
@@ -68,11 +72,21 @@ def settle(
             what_stopped(held.task_id, returncode, held.before_start, held.killed),
             {"task_id": held.task_id, "exit_code": returncode},
         )
+    free_run_slots(instance, run)
     return (
         held.stop_started_at is not None
         and not held.before_start
         and run.status != DagsterRunStatus.SUCCESS
     )
+
+
+def free_run_slots(instance: DagsterInstance, run: DagsterRun) -> None:
+    """The pool slots of a run whose process is gone; of a ``taskiq_executor`` run only those of
+    steps never sent, as each step task frees its own when its processes are gone."""
+    if keys.sends_steps(instance, run):
+        pool_slots.free_unsent(instance, run.run_id)
+    else:
+        pool_slots.free_run(instance, run.run_id)
 
 
 def reassert_cancel(instance: DagsterInstance, worker_id: str, run: DagsterRun) -> None:

@@ -39,9 +39,6 @@ from dagster_taskiq_cancel.timing import stop_seconds
 
 CANCELING = dg.DagsterRunStatus.CANCELING
 ACK_BATCH = 10
-# Later receives of a tick still long-poll (a zero wait samples only some SQS servers and can
-# miss messages), but briefly: they only confirm that the queue has been drained.
-DRAIN_WAIT_SECONDS = 1
 # Acks stay invisible this long while a tick handles them; one left undeleted comes back.
 ACK_VISIBILITY_SECONDS = 60
 EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
@@ -111,10 +108,11 @@ def _apply_ack(
 ) -> None:
     """Record a stop on its run; end the run if its run task stopped and it is still CANCELING.
 
-    ``not_running`` comes from whichever worker received the cancel message without holding the
-    run; with competing consumers that is routine, says nothing about the owner, and is only
-    counted. ``skipped`` proves the run is over only if no worker ever claimed it: for a claimed
-    run it is a redelivered copy, and the claimer's own ack (or the timeout) ends the run.
+    ``not_running`` came from whichever worker received the cancel message without holding the
+    run (older workers sent it; now a non-holder stays silent): it says nothing about the
+    owner, and is only counted. ``skipped`` proves the run is over only if no worker ever
+    claimed it: for a claimed run it is a redelivered copy, and the claimer's own ack (or the
+    timeout) ends the run.
     """
     if ack.outcome == "not_running":
         summary.not_running += 1
@@ -316,12 +314,17 @@ def reconcile_acks(
     summary: TickSummary,
     log: logging.Logger,
 ) -> set[str]:
-    """Read acks until the queue is drained or ``max_acks`` were received.
+    """Read acks until the queue is drained, ``max_acks`` were received, or ``wait_seconds``
+    have passed since the tick began. Returns the run ids of acks left for later.
 
-    The first receive long-polls ``wait_seconds`` so that an idle tick costs one request and an
-    ack arriving meanwhile is handled at once. Returns the run ids of acks left for later.
+    With Dagster's default ``sensors.use_threads: false`` a tick holds every other sensor of the
+    deployment, so the tick is short: the first receive long-polls ``wait_seconds`` (an idle
+    tick costs one request, and an ack arriving meanwhile is handled at once); later receives
+    do not wait, and none starts after the deadline. An ack not read now (a zero wait samples
+    only some SQS servers) is read by a later tick: acks never go stale.
     """
     received = 0
+    deadline = time.monotonic() + wait_seconds
     wait = wait_seconds
     deferred: set[str] = set()
     while received < max_acks:
@@ -330,7 +333,9 @@ def reconcile_acks(
             break
         received += len(messages)
         deferred |= _handle_batch(instance, queues, messages, summary, log)
-        wait = DRAIN_WAIT_SECONDS
+        if time.monotonic() >= deadline:
+            break
+        wait = 0
     return deferred
 
 
@@ -401,13 +406,14 @@ def build_cancel_reconciliation_sensor(
     minimum_interval_seconds: int = 5,
     max_acks_per_tick: int = 100,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
-    ack_wait_seconds: int = 5,
+    ack_wait_seconds: int = 1,
 ) -> dg.SensorDefinition:
     """A polling sensor that needs a ``taskiq`` resource (TaskiqCancelResource).
 
-    ``ack_wait_seconds`` is the long poll at the start of each tick: an idle tick makes one SQS
-    request, and an ack arriving meanwhile ends its run at once. Keep it well under the sensor
-    evaluation timeout (60 s by default).
+    ``ack_wait_seconds`` is the long poll at the start of each tick, and how long a tick reads
+    acks: an idle tick makes one SQS request, and an ack arriving meanwhile ends its run at
+    once. A tick holds the sensor daemon (every sensor of the deployment, unless
+    ``sensors.use_threads``) about this long: keep it short.
     """
 
     @dg.sensor(

@@ -21,6 +21,7 @@ import pytest
 from dagster import DagsterInstance
 from dagster._core.test_utils import instance_for_test
 
+from benchmarks.storage_calls import counted
 from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.backoff import Backoff
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
@@ -28,7 +29,6 @@ from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.worker.held import HeldTask
 from dagster_taskiq_cancel.worker.worker import Worker
-from dagster_taskiq_cancel_tests.storage_calls import counted
 from dagster_taskiq_cancel_tests.test_worker_faults import hold, started_run, until
 
 POLL = 0.5  # seconds: a tenth of the default, so that a window of polls takes little time

@@ -39,6 +39,9 @@ from dagster_taskiq_cancel.timing import stop_seconds
 
 CANCELING = dg.DagsterRunStatus.CANCELING
 ACK_BATCH = 10
+# How long a tick goes on reading acks (beyond its first receive's wait): with Dagster's default
+# ``sensors.use_threads: false`` a tick holds every other sensor of the deployment.
+READ_SECONDS = 1.0
 # Acks stay invisible this long while a tick handles them; one left undeleted comes back.
 ACK_VISIBILITY_SECONDS = 60
 EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
@@ -314,17 +317,16 @@ def reconcile_acks(
     summary: TickSummary,
     log: logging.Logger,
 ) -> set[str]:
-    """Read acks until the queue is drained, ``max_acks`` were received, or ``wait_seconds``
-    have passed since the tick began. Returns the run ids of acks left for later.
+    """Read acks until the queue is drained, ``max_acks`` were received, or the tick has read
+    for ``READ_SECONDS`` (or its first wait, if longer). Returns the run ids of acks left for
+    later.
 
-    With Dagster's default ``sensors.use_threads: false`` a tick holds every other sensor of the
-    deployment, so the tick is short: the first receive long-polls ``wait_seconds`` (an idle
-    tick costs one request, and an ack arriving meanwhile is handled at once); later receives
-    do not wait, and none starts after the deadline. An ack not read now (a zero wait samples
-    only some SQS servers) is read by a later tick: acks never go stale.
+    The first receive waits ``wait_seconds`` (0 by default: the tick holds the sensor daemon
+    only for its requests); later ones never wait. An ack not read now (a zero wait samples
+    only some of AWS's SQS servers) is read by a later tick: acks never go stale.
     """
     received = 0
-    deadline = time.monotonic() + wait_seconds
+    deadline = time.monotonic() + max(wait_seconds, READ_SECONDS)
     wait = wait_seconds
     deferred: set[str] = set()
     while received < max_acks:
@@ -406,14 +408,14 @@ def build_cancel_reconciliation_sensor(
     minimum_interval_seconds: int = 5,
     max_acks_per_tick: int = 100,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
-    ack_wait_seconds: int = 1,
+    ack_wait_seconds: int = 0,
 ) -> dg.SensorDefinition:
     """A polling sensor that needs a ``taskiq`` resource (TaskiqCancelResource).
 
-    ``ack_wait_seconds`` is the long poll at the start of each tick, and how long a tick reads
-    acks: an idle tick makes one SQS request, and an ack arriving meanwhile ends its run at
-    once. A tick holds the sensor daemon (every sensor of the deployment, unless
-    ``sensors.use_threads``) about this long: keep it short.
+    ``ack_wait_seconds`` is a long poll at the start of each tick (an ack arriving meanwhile is
+    handled at once). A tick holds the sensor daemon, so every other sensor of the deployment
+    unless ``sensors.use_threads`` is on, for this wait and its requests: hence none by default.
+    An idle tick makes one SQS request either way.
     """
 
     @dg.sensor(

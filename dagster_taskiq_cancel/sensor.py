@@ -39,9 +39,6 @@ from dagster_taskiq_cancel.timing import stop_seconds
 
 CANCELING = dg.DagsterRunStatus.CANCELING
 ACK_BATCH = 10
-# How long a tick goes on reading acks (beyond its first receive's wait): with Dagster's default
-# ``sensors.use_threads: false`` a tick holds every other sensor of the deployment.
-READ_SECONDS = 1.0
 # Acks stay invisible this long while a tick handles them; one left undeleted comes back.
 ACK_VISIBILITY_SECONDS = 60
 EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
@@ -317,16 +314,16 @@ def reconcile_acks(
     summary: TickSummary,
     log: logging.Logger,
 ) -> set[str]:
-    """Read acks until the queue is drained, ``max_acks`` were received, or the tick has read
-    for ``READ_SECONDS`` (or its first wait, if longer). Returns the run ids of acks left for
-    later.
+    """Read acks until the queue is drained or ``max_acks`` were received. Returns the run ids
+    of acks left for later.
 
-    The first receive waits ``wait_seconds`` (0 by default: the tick holds the sensor daemon
-    only for its requests); later ones never wait. An ack not read now (a zero wait samples
-    only some of AWS's SQS servers) is read by a later tick: acks never go stale.
+    With Dagster's default ``sensors.use_threads: false`` a tick holds every other sensor of
+    the deployment, so no receive waits for acks to come, except the first, for
+    ``wait_seconds`` (0 by default): an idle tick is one quick request, and a busy one lasts as
+    long as its acks take to apply (``max_acks`` bounds it). An ack not read now (a zero wait
+    samples only some of AWS's SQS servers) is read by a later tick: acks never go stale.
     """
     received = 0
-    deadline = time.monotonic() + max(wait_seconds, READ_SECONDS)
     wait = wait_seconds
     deferred: set[str] = set()
     while received < max_acks:
@@ -335,8 +332,6 @@ def reconcile_acks(
             break
         received += len(messages)
         deferred |= _handle_batch(instance, queues, messages, summary, log)
-        if time.monotonic() >= deadline:
-            break
         wait = 0
     return deferred
 

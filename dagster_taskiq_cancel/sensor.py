@@ -15,9 +15,10 @@ late an ack is read, it is still true, so acks never go stale (a daemon outage l
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -44,6 +45,9 @@ ACK_VISIBILITY_SECONDS = 60
 EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
 # An ack whose handling failed (storage error) is offered again this soon, within the next tick.
 RETRY_VISIBILITY_SECONDS = 2
+# Before a timeout writes CANCELED, a tick waits this long for acks: one handed back for a retry
+# (``RETRY_VISIBILITY_SECONDS``) may say otherwise (a failed cleanup).
+LAST_CALL_WAIT_SECONDS = RETRY_VISIBILITY_SECONDS + 1
 
 _INTERRUPT = "DagsterExecutionInterruptedError"
 _OUTCOME_TEXT = {
@@ -355,6 +359,7 @@ def time_out_silent_cancels(
     settings: TaskiqCancelSettings,
     summary: TickSummary,
     pending: Collection[str] = (),
+    last_call: Callable[[], Collection[str]] | None = None,
 ) -> None:
     """Mark CANCELED the CANCELING runs no worker confirmed, and none can confirm any more.
 
@@ -362,7 +367,9 @@ def time_out_silent_cancels(
     ``cancel_timeout_seconds``; after that, still as long as the worker holding it beats (it may
     still be stopping, and its ack is retried until sent). Acks are read first in each tick, so
     a run still CANCELING here had no run-task stop ack, unless its ack is ``pending`` (kept for
-    a later tick after a storage error).
+    a later tick after a storage error). Before the first timeout, ``last_call`` reads the
+    acks once more, waiting: a tick's own read does not wait, and an ack handed back for a retry
+    by an earlier tick may only now be visible again.
     """
     records = instance.get_run_records(filters=dg.RunsFilter(statuses=[CANCELING]))
     now = time.time()
@@ -372,6 +379,11 @@ def time_out_silent_cancels(
         waited = now - canceling_since(instance, record)
         if waited < timeout or run_id in pending:
             continue
+        if last_call is not None:
+            pending = {*pending, *last_call()}
+            last_call = None
+            if run_id in pending:
+                continue
         run = _still_canceling(instance, run_id)
         if run is None:
             continue
@@ -429,7 +441,16 @@ def build_cancel_reconciliation_sensor(
             summary,
             context.log,
         )
-        time_out_silent_cancels(context.instance, taskiq.settings, summary, pending)
+        last_call = functools.partial(
+            reconcile_acks,
+            context.instance,
+            taskiq.queues,
+            max_acks_per_tick,
+            LAST_CALL_WAIT_SECONDS,
+            summary,
+            context.log,
+        )
+        time_out_silent_cancels(context.instance, taskiq.settings, summary, pending, last_call)
         return dg.SkipReason(summary.text())
 
     return _sensor

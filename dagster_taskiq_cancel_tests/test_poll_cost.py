@@ -96,8 +96,8 @@ def test_the_poll_reads_cancel_end_and_resume_in_its_one_query(
     worker: Worker, tmp_path: Path
 ) -> None:
     """What the backstop poll acts on still comes through the one query: a cancel stops its
-    task, an ended run starts its grace, a run sent again elsewhere (a resume) fences its
-    holder, and a deleted run is left to finish."""
+    task, an ended run starts its grace, and a run sent again elsewhere (a resume) fences its
+    holder."""
     instance = worker.instance
 
     async def scenario() -> None:

@@ -3,8 +3,8 @@
 Unlike taskiq-aio-sqs (which buffers up to 100 messages and long-polls 1 s at a time), ``listen``
 receives one message per request and only when taskiq's Receiver asks for the next one, which it
 does only when a delivery slot is free (``max_async_tasks + max_prefetch``). Every receive
-long-polls ``wait_time_seconds``. A failed SQS call is retried with backoff and logged once per
-outage instead of ending the listener.
+long-polls ``wait_time_seconds``. A failed SQS call is retried with jittered backoff
+(``backoff``) and logged once per outage instead of ending the listener.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from botocore.config import Config as BotoConfig
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
 from dagster_taskiq_cancel import metrics
+from dagster_taskiq_cancel.backoff import Backoff
 from dagster_taskiq_cancel.messages import MalformedMessage, codec_for
 from dagster_taskiq_cancel.payloads import (
     MISSING_CODES,
@@ -139,20 +140,20 @@ class CancellableSqsBroker(AsyncBroker):
 
         The same deduplication id on every try, so a send that did arrive is not doubled.
         """
-        backoff = _BACKOFF_START
+        backoff = Backoff(_BACKOFF_START, _BACKOFF_MAX)
         while True:
             try:
                 await self.send(name, body, group_id, dedup_id)
                 return
             except _SQS_ERRORS as exc:
+                wait = backoff.next()
                 logger.warning(
-                    "Sending to %s failed, retrying in %ss: %s",
+                    "Sending to %s failed, retrying in %.1fs: %s",
                     name,
-                    backoff,
+                    wait,
                     describe_client_error(exc, self.settings),
                 )
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, _BACKOFF_MAX)
+            await asyncio.sleep(wait)
 
     async def delete(self, name: str, receipt_handle: str) -> None:
         """Delete one message; a failure is logged, never raised: the message only comes back.
@@ -191,15 +192,14 @@ class CancellableSqsBroker(AsyncBroker):
             kwargs["MessageAttributeNames"] = list(attributes)
         if visibility_timeout is not None:
             kwargs["VisibilityTimeout"] = visibility_timeout
-        backoff = _BACKOFF_START
+        backoff = Backoff(_BACKOFF_START, _BACKOFF_MAX)
         while True:
             try:
                 response = await self._client.receive_message(**kwargs)
             except _SQS_ERRORS as exc:
                 metrics.sqs_error("receive")
                 self._report_outage(exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _BACKOFF_MAX)
+                await asyncio.sleep(backoff.next())
                 continue
             if self._outage is not None:
                 logger.warning("SQS answers again after: %s", self._outage)

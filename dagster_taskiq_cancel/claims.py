@@ -119,12 +119,21 @@ def record_sent(instance: DagsterInstance, run_id: str, task_id: str) -> None:
     sql_storage(instance).set_cursor_values({sent_key(run_id): value})
 
 
+def sent_key_sql(run_id: db.ColumnElement[str]) -> db.ColumnElement[str]:
+    """``sent_key`` of a SQL column: to join each run to its sent row in one query."""
+    return db.literal(_SENT, db.Text) + run_id
+
+
+def parse_sent(value: str) -> Sent:
+    found = json.loads(value)
+    return Sent(str(found["task_id"]), float(found["at"]))
+
+
 def sent(instance: DagsterInstance, run_ids: Collection[str]) -> dict[str, Sent]:
     """The task last sent for each of ``run_ids`` that has one (one query)."""
-    values = _read(instance, {sent_key(r): r for r in run_ids})
-    return {
-        run_id: Sent(str(value["task_id"]), float(value["at"])) for run_id, value in values.items()
-    }
+    keys = {sent_key(r): r for r in run_ids}
+    found = instance.run_storage.get_cursor_values(set(keys)) if keys else {}
+    return {keys[key]: parse_sent(value) for key, value in found.items()}
 
 
 def sent_of(instance: DagsterInstance, run_id: str) -> Sent | None:

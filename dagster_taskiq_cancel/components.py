@@ -92,10 +92,13 @@ class CancelReconciliationSensorComponent(dg.Component, dg.Resolvable, dg.Model)
     minimum_interval_seconds: int = Field(default=5, ge=1, description="Seconds between ticks.")
     max_acks_per_tick: int = Field(default=100, ge=1, description="Acks one tick reads at most.")
     ack_wait_seconds: int = Field(
-        default=5,
+        default=0,
         ge=0,
         le=20,
-        description="Long poll at the start of each tick; keep it well under the tick timeout.",
+        description=(
+            "Long poll at the start of each tick; a tick holds the sensor daemon (every sensor, "
+            "unless sensors.use_threads) this long more."
+        ),
     )
     default_status: Literal["running", "stopped"] = Field(
         default="running", description="Whether the sensor runs without being switched on."

@@ -22,6 +22,8 @@ from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 
 MAX_BODY_BYTES = 64 * 1024
 
+# ``not_running`` is no longer sent (a non-holder stays silent); still read, from older workers
+# in a rolling upgrade.
 Outcome = Literal["cancelled", "killed", "skipped", "not_running", "cleanup_failed"]
 STOPPED_OUTCOMES: frozenset[str] = frozenset({"cancelled", "killed", "skipped", "cleanup_failed"})
 _HEX_MAC = re.compile(r"[0-9a-f]{64}\Z")

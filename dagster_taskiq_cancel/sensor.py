@@ -15,9 +15,10 @@ late an ack is read, it is still true, so acks never go stale (a daemon outage l
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -39,14 +40,14 @@ from dagster_taskiq_cancel.timing import stop_seconds
 
 CANCELING = dg.DagsterRunStatus.CANCELING
 ACK_BATCH = 10
-# Later receives of a tick still long-poll (a zero wait samples only some SQS servers and can
-# miss messages), but briefly: they only confirm that the queue has been drained.
-DRAIN_WAIT_SECONDS = 1
 # Acks stay invisible this long while a tick handles them; one left undeleted comes back.
 ACK_VISIBILITY_SECONDS = 60
 EVENT_PREFIX = "dagster_taskiq_cancel reconciliation sensor: "
 # An ack whose handling failed (storage error) is offered again this soon, within the next tick.
 RETRY_VISIBILITY_SECONDS = 2
+# Before a timeout writes CANCELED, a tick waits this long for acks: one handed back for a retry
+# (``RETRY_VISIBILITY_SECONDS``) may say otherwise (a failed cleanup).
+LAST_CALL_WAIT_SECONDS = RETRY_VISIBILITY_SECONDS + 1
 
 _INTERRUPT = "DagsterExecutionInterruptedError"
 _OUTCOME_TEXT = {
@@ -111,10 +112,11 @@ def _apply_ack(
 ) -> None:
     """Record a stop on its run; end the run if its run task stopped and it is still CANCELING.
 
-    ``not_running`` comes from whichever worker received the cancel message without holding the
-    run; with competing consumers that is routine, says nothing about the owner, and is only
-    counted. ``skipped`` proves the run is over only if no worker ever claimed it: for a claimed
-    run it is a redelivered copy, and the claimer's own ack (or the timeout) ends the run.
+    ``not_running`` came from whichever worker received the cancel message without holding the
+    run (older workers sent it; now a non-holder stays silent): it says nothing about the
+    owner, and is only counted. ``skipped`` proves the run is over only if no worker ever
+    claimed it: for a claimed run it is a redelivered copy, and the claimer's own ack (or the
+    timeout) ends the run.
     """
     if ack.outcome == "not_running":
         summary.not_running += 1
@@ -316,10 +318,14 @@ def reconcile_acks(
     summary: TickSummary,
     log: logging.Logger,
 ) -> set[str]:
-    """Read acks until the queue is drained or ``max_acks`` were received.
+    """Read acks until the queue is drained or ``max_acks`` were received. Returns the run ids
+    of acks left for later.
 
-    The first receive long-polls ``wait_seconds`` so that an idle tick costs one request and an
-    ack arriving meanwhile is handled at once. Returns the run ids of acks left for later.
+    With Dagster's default ``sensors.use_threads: false`` a tick holds every other sensor of
+    the deployment, so no receive waits for acks to come, except the first, for
+    ``wait_seconds`` (0 by default): an idle tick is one quick request, and a busy one lasts as
+    long as its acks take to apply (``max_acks`` bounds it). An ack not read now (a zero wait
+    samples only some of AWS's SQS servers) is read by a later tick: acks never go stale.
     """
     received = 0
     wait = wait_seconds
@@ -330,7 +336,7 @@ def reconcile_acks(
             break
         received += len(messages)
         deferred |= _handle_batch(instance, queues, messages, summary, log)
-        wait = DRAIN_WAIT_SECONDS
+        wait = 0
     return deferred
 
 
@@ -353,6 +359,7 @@ def time_out_silent_cancels(
     settings: TaskiqCancelSettings,
     summary: TickSummary,
     pending: Collection[str] = (),
+    last_call: Callable[[], Collection[str]] | None = None,
 ) -> None:
     """Mark CANCELED the CANCELING runs no worker confirmed, and none can confirm any more.
 
@@ -360,7 +367,9 @@ def time_out_silent_cancels(
     ``cancel_timeout_seconds``; after that, still as long as the worker holding it beats (it may
     still be stopping, and its ack is retried until sent). Acks are read first in each tick, so
     a run still CANCELING here had no run-task stop ack, unless its ack is ``pending`` (kept for
-    a later tick after a storage error).
+    a later tick after a storage error). Before the first timeout, ``last_call`` reads the
+    acks once more, waiting: a tick's own read does not wait, and an ack handed back for a retry
+    by an earlier tick may only now be visible again.
     """
     records = instance.get_run_records(filters=dg.RunsFilter(statuses=[CANCELING]))
     now = time.time()
@@ -370,6 +379,11 @@ def time_out_silent_cancels(
         waited = now - canceling_since(instance, record)
         if waited < timeout or run_id in pending:
             continue
+        if last_call is not None:
+            pending = {*pending, *last_call()}
+            last_call = None
+            if run_id in pending:
+                continue
         run = _still_canceling(instance, run_id)
         if run is None:
             continue
@@ -401,13 +415,14 @@ def build_cancel_reconciliation_sensor(
     minimum_interval_seconds: int = 5,
     max_acks_per_tick: int = 100,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.RUNNING,
-    ack_wait_seconds: int = 5,
+    ack_wait_seconds: int = 0,
 ) -> dg.SensorDefinition:
     """A polling sensor that needs a ``taskiq`` resource (TaskiqCancelResource).
 
-    ``ack_wait_seconds`` is the long poll at the start of each tick: an idle tick makes one SQS
-    request, and an ack arriving meanwhile ends its run at once. Keep it well under the sensor
-    evaluation timeout (60 s by default).
+    ``ack_wait_seconds`` is a long poll at the start of each tick (an ack arriving meanwhile is
+    handled at once). A tick holds the sensor daemon, so every other sensor of the deployment
+    unless ``sensors.use_threads`` is on, for this wait and its requests: hence none by default.
+    An idle tick makes one SQS request either way.
     """
 
     @dg.sensor(
@@ -426,7 +441,16 @@ def build_cancel_reconciliation_sensor(
             summary,
             context.log,
         )
-        time_out_silent_cancels(context.instance, taskiq.settings, summary, pending)
+        last_call = functools.partial(
+            reconcile_acks,
+            context.instance,
+            taskiq.queues,
+            max_acks_per_tick,
+            LAST_CALL_WAIT_SECONDS,
+            summary,
+            context.log,
+        )
+        time_out_silent_cancels(context.instance, taskiq.settings, summary, pending, last_call)
         return dg.SkipReason(summary.text())
 
     return _sensor

@@ -64,9 +64,12 @@ class TaskiqCancelSettings(dg.Config):
         ),
     )
     poll_interval_seconds: float = Field(
-        default=1.0,
+        default=5.0,
         gt=0,
-        description="How often a worker asks the run storage about every run it holds.",
+        description=(
+            "How often a worker asks the run storage about every run it holds, when nothing "
+            "woke it: a cancel hint makes it ask at once, this poll is the backstop."
+        ),
     )
     notice_seconds: float = Field(
         default=0.0,

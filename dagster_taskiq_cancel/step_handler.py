@@ -17,7 +17,7 @@ from dagster._core.executor.step_delegating import (
     StepHandlerContext,
 )
 
-from dagster_taskiq_cancel import claims, heartbeats
+from dagster_taskiq_cancel import claims, heartbeats, hints
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
@@ -110,20 +110,28 @@ class TaskiqStepHandler(StepHandler):
         return CheckStepHealthResult.unhealthy(f"step task {lost}")
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        """Hint the workers to check the run now; a failed send only delays the stop.
+        """Hint the step's holder (its own hint queue) and the shared queue to check the run
+        now; a failed send only delays the stop.
 
-        The executor calls this after the run became CANCELING, so each worker's next poll
-        stops the step even if this message is lost.
+        The executor calls this after the run became CANCELING, so each worker's next poll (the
+        backstop, ``poll_interval_seconds``) stops the step even if these messages are lost.
         """
-        run_id = step_handler_context.execute_step_args.run_id
-        step_key = _step_key(step_handler_context)
+        args = step_handler_context.execute_step_args
+        run_id, step_key = args.run_id, _step_key(step_handler_context)
         request = CancelRequest(run_id=run_id, step_key=step_key, reason="terminate step")
+        body = self.codec.dumps(request)
+        task_id = step_task_id(run_id, step_key, _attempt(step_handler_context, step_key))
+        try:
+            claim = claims.claim_of(step_handler_context.instance, task_id)
+        except Exception as exc:  # only the fast path is lost: the shared queue and the poll stay
+            logger.warning("Could not read who holds step %s to hint: %s", step_key, exc)
+            claim = None
+        if claim is not None:
+            entry = (step_handler_context.dagster_run, body, request.request_id)
+            hints.send_to_holders(self.queues, [entry], {run_id: claim.worker_id})
         try:
             self.queues.send(
-                self.queues.names.cancels,
-                codec_for(self.queues.settings).dumps(request),
-                group_id=run_id,
-                dedup_id=request.request_id,
+                self.queues.names.cancels, body, group_id=run_id, dedup_id=request.request_id
             )
         except SqsError as exc:
             logger.warning(

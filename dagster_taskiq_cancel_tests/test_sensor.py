@@ -213,6 +213,19 @@ def test_malformed_and_unknown_acks_are_deleted_and_the_tick_succeeds(
 
 
 @MOTO_ONLY
+def test_an_idle_tick_holds_the_daemon_under_a_second(deployment: Deployment) -> None:
+    """With Dagster's default ``sensors.use_threads: false`` a tick holds every other sensor:
+    an idle one (a new resource, as the daemon makes each tick) does not wait for acks."""
+    durations = []
+    for _ in range(3):
+        started = time.monotonic()
+        assert tick(deployment) == "Cancel reconciliation: nothing to do."
+        durations.append(time.monotonic() - started)
+    print(f"\nidle ticks: {', '.join(f'{d:.2f}s' for d in durations)}")
+    assert sorted(durations)[1] < 1.0
+
+
+@MOTO_ONLY
 def test_one_hundred_acks_are_handled_within_two_ticks(deployment: Deployment) -> None:
     run_ids = [deployment.create_run(sleepy_job).run_id for _ in range(100)]
     for run_id in run_ids:

@@ -8,7 +8,7 @@ import uuid
 
 from dagster_taskiq_cancel import metrics
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
-from dagster_taskiq_cancel.messages import CancelAck, CancelRequest, Codec, Outcome
+from dagster_taskiq_cancel.messages import CancelAck, Codec, Outcome
 from dagster_taskiq_cancel.worker.held import HeldTask
 
 logger = logging.getLogger(__name__)
@@ -39,15 +39,11 @@ class Acks:
         outcome: Outcome,
         detail: str,
         held: HeldTask | None = None,
-        request: CancelRequest | None = None,
-        retry: bool = True,
     ) -> bool:
         """Tell the sensor what happened; True once sent. A failed send is retried in the
-        background (``retry_seconds``), unless ``retry`` is False: ``not_running`` (an answer to
-        a hint, counted and nothing else) is tried once.
-        """
+        background (``retry_seconds``)."""
         metrics.stop_outcome(outcome)
-        request = request or (held.request if held else None)
+        request = held.request if held else None
         ack = CancelAck(
             request_id=request.request_id if request else None,
             run_id=run_id,
@@ -69,10 +65,9 @@ class Acks:
             raise
         except Exception as exc:
             logger.warning("Could not send %s ack for run %s: %s", outcome, run_id, exc)
-        if retry:
-            task = asyncio.get_running_loop().create_task(self._retry(ack, body, dedup_id))
-            self.retrying.add(task)
-            task.add_done_callback(self.retrying.discard)
+        task = asyncio.get_running_loop().create_task(self._retry(ack, body, dedup_id))
+        self.retrying.add(task)
+        task.add_done_callback(self.retrying.discard)
         return False
 
     async def _retry(self, ack: CancelAck, body: str, dedup_id: str) -> None:

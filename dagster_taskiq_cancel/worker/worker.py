@@ -3,8 +3,9 @@
 Five loops share one event loop:
 
 - taskiq's Receiver takes tasks from the main queue, one per free slot, and calls ``execute``;
-- ``poll_loop`` asks the run storage about every held run every ``poll_interval_seconds``
-  (or at once when woken) and stops the children of cancelled runs (see ``authority``);
+- ``poll_loop`` asks the run storage about every held run at once when woken (a cancel hint),
+  else every ``poll_interval_seconds`` (the backstop), and stops the children of cancelled runs
+  (see ``authority``);
 - ``heartbeat_loop`` writes the worker's heartbeat, and kills its work if it cannot (fencing);
 - ``cancel_loop`` reads ``{queue}-cancels``; a request only wakes the poll, it never kills;
 - ``hint_loop`` reads this worker's own hint queue (``hints``) the same way, while it holds work.
@@ -40,11 +41,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, DagsterRun, DagsterRunStatus
+from dagster import DagsterInstance, DagsterRunStatus
+from dagster._core.storage.dagster_run import FINISHED_STATUSES
 from dagster._utils.error import serializable_error_info_from_exc_info
 from taskiq import Context, TaskiqDepends
 
 from dagster_taskiq_cancel import claims, heartbeats, hints, metrics
+from dagster_taskiq_cancel.backoff import Backoff
 from dagster_taskiq_cancel.broker import CancellableSqsBroker
 from dagster_taskiq_cancel.cleanup import CleanupContext
 from dagster_taskiq_cancel.cooperative import announce
@@ -55,7 +58,13 @@ from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, t
 from dagster_taskiq_cancel.worker import children, keys, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
 from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
-from dagster_taskiq_cancel.worker.authority import has_ended, held_runs, is_cancelled, run_started
+from dagster_taskiq_cancel.worker.authority import (
+    HeldRun,
+    has_ended,
+    held_runs,
+    is_cancelled,
+    run_started,
+)
 from dagster_taskiq_cancel.worker.cleanup_runner import run_cleanup
 from dagster_taskiq_cancel.worker.held import HeldTask, Phase
 from dagster_taskiq_cancel.worker.inflight import InFlight
@@ -301,7 +310,7 @@ class Worker:
         at most ``_settle_backoff_max`` seconds (plus the calls queued before it) after the
         storage answers again, and a cancelled one ends CANCELED and is acknowledged.
         """
-        backoff = min(1.0, self._settle_backoff_max)
+        backoff = Backoff(min(1.0, self._settle_backoff_max), self._settle_backoff_max)
         while True:
             try:
                 cleanup = await settling.attempt(self._storage_timeout)
@@ -311,14 +320,14 @@ class Worker:
                 )
                 continue  # the same call is still running: wait for it again
             except Exception as exc:
+                wait = backoff.next()
                 logger.warning(
-                    "Settling task %s failed again (%r); next try in %gs",
+                    "Settling task %s failed again (%r); next try in %.1fs",
                     held.task_id,
                     exc,
-                    backoff,
+                    wait,
                 )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self._settle_backoff_max)
+                await asyncio.sleep(wait)
                 continue
             logger.info(
                 "Settled the run of task %s after the run storage answered again", held.task_id
@@ -363,7 +372,13 @@ class Worker:
     # --- stopping ------------------------------------------------------------------------------
 
     async def poll_loop(self) -> None:
-        """Ask the run storage about held runs every poll interval, or at once when woken."""
+        """Ask the run storage about held runs at once when woken (a cancel hint, a task
+        start, a release), else every poll interval: the backstop for a hint that never came.
+
+        What waits for the backstop when no hint comes: a cancel whose hints were lost, an
+        ended run's orphan stop (after its grace), a resume elsewhere (``resent_as``), a cancel
+        of a released run, and the first look at a run task's STARTED (``reassert``).
+        """
         while True:
             try:
                 await self.check_held()
@@ -433,22 +448,18 @@ class Worker:
             asyncio.get_running_loop().create_task(stopping.kill(held))
 
     async def check_held(self) -> None:
-        """One batched query for every held run (and every released one, ``_check_released``);
-        then act on what the authority says."""
+        """One query for every held run (and every released one, ``_check_released``): its
+        status and the task last sent for it; then act on what the authority says."""
         waiting = [h for h in self.held.values() if h.stop_started_at is None]
         released = [h for h in self.finishing.values() if h.phase == Phase.RELEASED]
         if not waiting and not released:
             return
         run_ids = {h.run_id for h in [*waiting, *released]}
         runs = await self._storage_call(held_runs, self.instance, run_ids)
-        run_tasks = {h.run_id for h in [*waiting, *released] if h.step_key is None}
-        latest = (
-            await self._storage_call(claims.sent, self.instance, run_tasks) if run_tasks else {}
-        )
         for held in waiting:
             run = runs.get(held.run_id)
             status = run.status if run else None
-            sent = resent_as(held, latest.get(held.run_id))
+            sent = resent_as(held, run.sent if run else None)
             if sent is not None:
                 self._fence(f"the run was sent again as task {sent} (a resume)", held)
                 continue
@@ -469,18 +480,16 @@ class Worker:
             elif has_ended(status):
                 await self._leave_to_finish(held, status)
         for held in released:
-            await self._check_released(held, runs.get(held.run_id), latest.get(held.run_id))
+            await self._check_released(held, runs.get(held.run_id))
 
-    async def _check_released(
-        self, held: HeldTask, run: DagsterRun | None, sent: claims.Sent | None
-    ) -> None:
+    async def _check_released(self, held: HeldTask, run: HeldRun | None) -> None:
         """A fenced run task, released: end its run CANCELED if a cancel landed since.
 
         Its process is gone and run monitoring resumes only STARTED runs, so nobody else would
         end the run; without this it would wait for the sensor's timeout. The task is done once
         its run was cancelled, ended, or moved on (resumed elsewhere).
         """
-        moved_on = resent_as(held, sent) is not None
+        moved_on = run is not None and resent_as(held, run.sent) is not None
         if run is not None and not moved_on and is_cancelled(run.status):
             recorded = await self._storage_call(
                 cancel_released, self.instance, self.worker_id, held
@@ -493,7 +502,7 @@ class Worker:
                 ack = self._acks.send(held.run_id, None, held.task_id, "killed", detail, held)
                 self._in_background(ack)
             self._done(held)
-        elif run is None or run.is_finished or moved_on:
+        elif run is None or run.status in FINISHED_STATUSES or moved_on:
             self._done(held)
 
     async def _cancel(self, held: HeldTask) -> None:
@@ -603,6 +612,7 @@ class Worker:
             await self.broker.delete(queue, message["ReceiptHandle"])
 
     async def _handle_cancel(self, message: Mapping[str, Any], queue: str) -> None:
+        """Wake the poll if this worker answers for the request's run; else only count it."""
         try:
             request = self.codec.loads(CancelRequest, message.get("Body", ""))
         except MalformedMessage as exc:
@@ -621,10 +631,10 @@ class Worker:
             self._wake.set()
             metrics.cancel_request("woke")
             return
+        # Silent: with competing consumers most receivers do not hold the run, and an answer
+        # from each would be a fleet's worth of acks per cancel. The sensor learns of a run
+        # nobody holds from the claims and heartbeats (``time_out_silent_cancels``).
         metrics.cancel_request("not_running")
-        await self._acks.send(
-            request.run_id, request.step_key, "", "not_running", "", request=request, retry=False
-        )
 
     # --- shutdown --------------------------------------------------------------------------------
 

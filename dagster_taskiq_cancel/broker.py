@@ -6,10 +6,9 @@ which it does only when a delivery slot is free (``max_async_tasks + max_prefetc
 receive long-polls ``wait_time_seconds``. A failed SQS call is retried with backoff and logged
 once per outage instead of ending the listener.
 
-A worker serving several task queues (pools, priority lanes) keeps one long poll open on each,
-so it holds at most one received message per queue beyond its slots, and takes the first queue
-in its order (high lanes first) that has one: priority is decided when a slot frees, from what
-the queues hold then.
+A worker serving several task queues (pools, priority lanes) keeps one long poll open on each
+and, when a slot frees, takes from the first queue in its order (high lanes first) that has a
+task (``_next_message``): priority is decided when a slot frees, from what the queues hold then.
 """
 
 from __future__ import annotations
@@ -193,12 +192,14 @@ class CancellableSqsBroker(AsyncBroker):
         max_messages: int,
         visibility_timeout: int | None = None,
         attributes: tuple[str, ...] = (),
+        wait: int | None = None,
     ) -> list[dict[str, Any]]:
-        """One long poll; on an SQS error, back off and retry until it answers."""
+        """One long poll (``wait`` seconds, default ``wait_time_seconds``); on an SQS error, back
+        off and retry until it answers."""
         kwargs: dict[str, Any] = {
             "QueueUrl": self._urls[name],
             "MaxNumberOfMessages": max_messages,
-            "WaitTimeSeconds": self.settings.wait_time_seconds,
+            "WaitTimeSeconds": self.settings.wait_time_seconds if wait is None else wait,
             "AttributeNames": ["SentTimestamp"],  # for the queue-wait metric
         }
         if attributes:
@@ -274,32 +275,42 @@ class CancellableSqsBroker(AsyncBroker):
             )
 
     async def _next_message(self) -> tuple[str, dict[str, Any]]:
-        """The next message to take, and its queue: the first queue in order with one received.
+        """The next message to take, and its queue: the first queue in order that has one.
 
-        Every queue without a received message has a poll in flight; while none has a message,
-        wait for the first poll to answer.
+        Called when a slot is free. Every queue but the last is looked at once, in order,
+        without waiting (an open long poll is not trusted to have answered: some SQS servers
+        wake it only at its wait time); the last needs no look, its long poll answers at once.
+        Then every queue has a long poll open, and the first answer decides. So taking a task
+        costs at most one short receive per queue before the last, an idle worker makes one
+        request per queue per wait time, and it holds at most one received message per queue
+        beyond its slots (when several polls answer at once).
         """
+        look = True
         while True:
-            for queue in self.task_queues:
-                if not self._received[queue] and queue not in self._receiving:
-                    self._receiving[queue] = asyncio.ensure_future(
-                        self.receive(
-                            queue,
-                            1,
-                            visibility_timeout=self.settings.visibility_timeout_seconds,
-                            attributes=POINTER_ATTRIBUTES,
-                        )
-                    )
             for queue, polling in list(self._receiving.items()):
                 if polling.done():
                     del self._receiving[queue]
                     self._received[queue].extend(polling.result())
             for queue in self.task_queues:
+                if not self._received[queue] and look and queue != self.task_queues[-1]:
+                    self._received[queue].extend(await self._receive_task(queue, wait=0))
                 if self._received[queue]:
                     return queue, self._received[queue].pop(0)
-            # Cancelling this wait (taskiq's shutdown) leaves the polls running for
-            # ``release_late``.
+            look = False
+            for queue in self.task_queues:
+                if queue not in self._receiving:
+                    self._receiving[queue] = asyncio.ensure_future(self._receive_task(queue))
+            # Cancelling this wait (taskiq's shutdown) leaves the polls open for ``release_late``.
             await asyncio.wait(set(self._receiving.values()), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _receive_task(self, queue: str, wait: int | None = None) -> list[dict[str, Any]]:
+        return await self.receive(
+            queue,
+            1,
+            visibility_timeout=self.settings.visibility_timeout_seconds,
+            attributes=POINTER_ATTRIBUTES,
+            wait=wait,
+        )
 
     async def _set_aside(self, queue: str, message: dict[str, Any], reason: str) -> None:
         """Log a task message that is not one of ours with its id, and delete it."""

@@ -195,7 +195,7 @@ def queue_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
         multiple=True,
         metavar="POOL",
         help=f"A pool {what} (repeatable): `default` is the main queue, `gpu` the queue "
-        "`{queue_name}-gpu`. None given: serve_queues, else the main queue alone.",
+        "`{queue_name}-gpu`. Without it: serve_queues, else the main queue alone.",
     )
 
 

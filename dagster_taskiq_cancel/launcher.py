@@ -24,7 +24,7 @@ from dagster_taskiq_cancel.cancel import request_cancel, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.messages import codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
-from dagster_taskiq_cancel.routing import run_pool, task_queue
+from dagster_taskiq_cancel.routing import plan_pool, run_pool, task_queue
 from dagster_taskiq_cancel.settings import (
     LAUNCHER_CONFIG,
     TaskiqCancelSettings,
@@ -116,7 +116,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         then ends the run FAILURE with this error as its engine event. The pool goes in the
         run's ``dagster-taskiq/queue`` tag, so that its re-executions and resumes go there too.
         """
-        pool = run_pool(run, self.settings)
+        pool = run_pool(run, self.settings, plan_pool(self._instance, run))
         queue = self._routed_queue(run, pool)
         claims.record_sent(self._instance, run.run_id, message.task_id, queue)
         self._instance.add_run_tags(
@@ -139,9 +139,9 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         except SqsError as exc:
             raise SqsError(
                 f"Run {run.run_id} not sent: it is routed to pool {pool!r} "
-                f"({QUEUE_TAG} tag, else location_queues, else the default pool): {exc}. Create "
-                f"its queue with `dagster-taskiq-cancel queues create --queue {pool}` (with the "
-                "launcher's settings), or tag the run with a pool that workers serve."
+                f"({QUEUE_TAG} tag of the run, else of its ops, else location_queues): {exc}. "
+                f"Create its queue with `dagster-taskiq-cancel queues create --queue {pool}` "
+                "(with the launcher's settings), or tag the run with a pool that workers serve."
             ) from exc
         return queue
 

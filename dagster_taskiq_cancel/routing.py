@@ -1,18 +1,18 @@
 """Where a run or a step goes: its pool (and so its task queue), and the lane its priority picks.
 
 A run goes to the pool its ``dagster-taskiq/queue`` tag names (Dagster puts a job's and an asset
-job's tags on the run), else its code location's default pool (``location_queues``), else the
-default pool (the main queue). A step of ``taskiq_executor`` goes to its op's tag (an asset's
-``op_tags``), else its run's pool. With ``priority_lanes``, work whose ``dagster/priority`` is above
-0 goes to its queue's high lane, which workers drain first: lanes, never SQS delays, which would
-hold urgent work back rather than bring it forward.
+job's tags on the run), else the one its ops' tags name (an asset's ``op_tags``), else its code
+location's default pool (``location_queues``), else the default pool (the main queue). A step of
+``taskiq_executor`` goes to its op's tag, else its run's pool. With ``priority_lanes``, work whose
+``dagster/priority`` is above 0 goes to its queue's high lane, which workers drain first: lanes,
+never SQS delays, which would hold urgent work back rather than bring it forward.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from dagster import DagsterRun
+from dagster import DagsterInstance, DagsterRun
 
 from dagster_taskiq_cancel.queues import DEFAULT_POOL, QueueNames
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
@@ -33,9 +33,28 @@ def served_pools(settings: TaskiqCancelSettings) -> list[str]:
     return pools or [DEFAULT_POOL]
 
 
-def run_pool(run: DagsterRun, settings: TaskiqCancelSettings) -> str:
-    """The pool of a run: its tag, else its code location's default, else the default pool."""
-    tagged = run.tags.get(QUEUE_TAG)
+def plan_pool(instance: DagsterInstance, run: DagsterRun) -> str | None:
+    """The one pool the ops a run executes name in their tags, when its ops run in its own
+    process: so that a UI materialization of an asset with ``op_tags`` naming `gpu` goes to
+    `gpu`. None: no op names one, several name different ones, or the run sends each step to
+    its own pool (``taskiq_executor``)."""
+    from dagster_taskiq_cancel.executor import EXECUTOR_NAME  # the executor sends steps here
+
+    if run.execution_plan_snapshot_id is None:
+        return None
+    plan = instance.get_execution_plan_snapshot(run.execution_plan_snapshot_id)
+    if plan.executor_name == EXECUTOR_NAME:
+        return None
+    keys = set(plan.step_keys_to_execute or [step.key for step in plan.steps])
+    named = {(step.tags or {}).get(QUEUE_TAG) for step in plan.steps if step.key in keys}
+    pools = named - {None, ""}
+    return pools.pop() if len(pools) == 1 else None
+
+
+def run_pool(run: DagsterRun, settings: TaskiqCancelSettings, ops_pool: str | None = None) -> str:
+    """The pool of a run: its tag, else the one its ops name (``plan_pool``), else its code
+    location's default, else the default pool."""
+    tagged = run.tags.get(QUEUE_TAG) or ops_pool
     if tagged:
         return tagged
     origin = run.remote_job_origin

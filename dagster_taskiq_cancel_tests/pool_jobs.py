@@ -1,4 +1,5 @@
-"""Jobs routed to pools: a job tagged `gpu`, and a `cpu` run whose one step is tagged `gpu`.
+"""Jobs routed to pools: a job tagged `gpu`, a `cpu` run whose one step is tagged `gpu`, and a
+job whose op names a pool that has no queue.
 
 (No ``from __future__ import annotations``: Dagster reads the ops' annotations at definition
 time.)
@@ -15,6 +16,16 @@ from dagster_taskiq_cancel_tests.step_jobs import STEP_RESOURCES, StepMarkers
 @dg.job(tags={QUEUE_TAG: "gpu"})
 def gpu_job() -> None:
     sleeper()
+
+
+@dg.op(tags={QUEUE_TAG: "nosuch"})
+def on_a_missing_pool() -> None:
+    pass
+
+
+@dg.job
+def job_with_an_op_on_a_missing_pool() -> None:
+    on_a_missing_pool()
 
 
 @dg.op(tags={QUEUE_TAG: "gpu"})

@@ -24,7 +24,11 @@ from dagster_taskiq_cancel.routing import PRIORITY_TAG, run_pool, task_queue
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import QUEUE_TAG, RECEIVED_FROM, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.pool_jobs import cpu_job_with_a_gpu_step, gpu_job
+from dagster_taskiq_cancel_tests.pool_jobs import (
+    cpu_job_with_a_gpu_step,
+    gpu_job,
+    job_with_an_op_on_a_missing_pool,
+)
 from dagster_taskiq_cancel_tests.stack import (
     MOTO_ONLY,
     Deployment,
@@ -68,14 +72,17 @@ def test_a_run_goes_to_its_tag_else_its_locations_pool_else_the_main_queue() -> 
 def test_a_run_routed_to_a_missing_queue_fails_with_the_fix_and_nothing_is_sent(
     deployment: Deployment,
 ) -> None:
-    run = deployment.create_run(sleepy_job, tags={QUEUE_TAG: "nosuch"})
-    with pytest.raises(SqsError):
-        deployment.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
-    assert deployment.status(run.run_id) == DagsterRunStatus.FAILURE
-    reason = "\n".join(deployment.engine_messages(run.run_id))
-    assert f"routed to pool 'nosuch' ({QUEUE_TAG} tag" in reason
-    assert "dagster-taskiq-cancel queues create --queue nosuch" in reason
-    assert claims.sent_of(deployment.instance, run.run_id) is None
+    """Tagged on the run, or on its op alone (as an asset's ``op_tags``): the run's pool."""
+    tagged_run = deployment.create_run(sleepy_job, tags={QUEUE_TAG: "nosuch"})
+    tagged_op = deployment.create_run(job_with_an_op_on_a_missing_pool, run_config={})
+    for run in (tagged_run, tagged_op):
+        with pytest.raises(SqsError):
+            deployment.instance.launch_run(run.run_id, workspace=None)  # type: ignore[arg-type]
+        assert deployment.status(run.run_id) == DagsterRunStatus.FAILURE
+        reason = "\n".join(deployment.engine_messages(run.run_id))
+        assert f"routed to pool 'nosuch' ({QUEUE_TAG} tag" in reason
+        assert "dagster-taskiq-cancel queues create --queue nosuch" in reason
+        assert claims.sent_of(deployment.instance, run.run_id) is None
     assert deployment.queue_empty()
 
 

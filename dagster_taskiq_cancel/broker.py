@@ -126,8 +126,7 @@ class CancellableSqsBroker(AsyncBroker):
         await super().shutdown()
 
     async def kick(self, message: BrokerMessage) -> None:
-        queue = self.task_queues[-1]  # the first pool's normal lane
-        await self.send(queue, message.message.decode(), message.task_id, message.task_id)
+        await self.send(self.names.main, message.message.decode(), message.task_id, message.task_id)
 
     async def send(self, name: str, body: str, group_id: str, dedup_id: str) -> None:
         """Send one message; a task body over the large-payload threshold goes to S3 first."""
@@ -243,7 +242,8 @@ class CancellableSqsBroker(AsyncBroker):
         while not self._closing:
             queue, message = await self._next_message()
             if self._closing:
-                self._received[queue].insert(0, message)  # release_late hands it back
+                # Handed back here as well as by ``release_late``, whichever saw it first.
+                await self._hand_back({message["ReceiptHandle"]: ("", queue)})
                 return
             receipt = message["ReceiptHandle"]
             try:

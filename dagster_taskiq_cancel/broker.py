@@ -1,10 +1,14 @@
 """CancellableSqsBroker: a small taskiq broker on SQS that never hoards and never busy-loops.
 
 Unlike taskiq-aio-sqs (which buffers up to 100 messages and long-polls 1 s at a time), ``listen``
-receives one message per request and only when taskiq's Receiver asks for the next one, which it
-does only when a delivery slot is free (``max_async_tasks + max_prefetch``). Every receive
-long-polls ``wait_time_seconds``. A failed SQS call is retried with jittered backoff
+receives one message per request and yields only when taskiq's Receiver asks for the next one,
+which it does only when a delivery slot is free (``max_async_tasks + max_prefetch``). Every
+receive long-polls ``wait_time_seconds``. A failed SQS call is retried with jittered backoff
 (``backoff``) and logged once per outage instead of ending the listener.
+
+A worker serving several task queues (pools, priority lanes) keeps one long poll open on each
+and, when a slot frees, takes from the first queue in its order (high lanes first) that has a
+task (``_next_message``): priority is decided when a slot frees, from what the queues hold then.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ from dagster_taskiq_cancel.queues import (
     boto_client_kwargs,
     describe_client_error,
 )
+from dagster_taskiq_cancel.routing import served_pools
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.tasks import (
+    RECEIVED_FROM,
     TASK_KWARGS,
     TASK_LABELS,
     expected_task_id,
@@ -57,21 +63,27 @@ _SQS_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientErro
 
 
 class CancellableSqsBroker(AsyncBroker):
-    """The main, cancels and acks queues of one deployment, over one aioboto3 client."""
+    """The task queues a worker serves, and the shared cancels and acks queues of its
+    deployment, over one aioboto3 client."""
 
     def __init__(self, settings: TaskiqCancelSettings) -> None:
         super().__init__()
         self.settings = settings
         self.names = QueueNames.from_setting(settings.queue_name)
+        # Served task queues, in the order taken: high lanes first (``routing``).
+        self.task_queues = self.names.task_queues(served_pools(settings), settings.priority_lanes)
         self.codec = codec_for(settings)
         self._urls: dict[str, str] = {}
         self._client: Any = None
         self._s3: Any = None  # only with a large_payload_bucket
         self._stack = contextlib.AsyncExitStack()
         self._outage: str | None = None
-        self._unacked: dict[str, str] = {}  # receipt handle -> task id, received not yet started
+        # receipt handle -> (task id, queue), received not yet started
+        self._unacked: dict[str, tuple[str, str]] = {}
         self.released: set[str] = set()  # task ids handed back at shutdown: never start them
-        self._receiving: asyncio.Future[list[dict[str, Any]]] | None = None  # main-queue poll
+        # Per task queue: its poll in flight, and what a poll brought that is not yielded yet.
+        self._receiving: dict[str, asyncio.Future[list[dict[str, Any]]]] = {}
+        self._received: dict[str, list[dict[str, Any]]] = {q: [] for q in self.task_queues}
         self._closing = False
 
     async def startup(self) -> None:
@@ -85,7 +97,7 @@ class CancellableSqsBroker(AsyncBroker):
                 **boto_client_kwargs(self.settings),
             )
         )
-        for name in self.names.all:
+        for name in dict.fromkeys([*self.names.all, *self.task_queues]):
             try:
                 response = await self._client.get_queue_url(QueueName=name)
             except _SQS_ERRORS as exc:
@@ -122,7 +134,7 @@ class CancellableSqsBroker(AsyncBroker):
         kwargs: dict[str, Any] = {"QueueUrl": self._urls[name], "MessageBody": body}
         if name.endswith(FIFO_SUFFIX):
             kwargs.update(MessageGroupId=group_id, MessageDeduplicationId=dedup_id)
-        offload = plan_offload(self.settings, name, body) if name == self.names.main else None
+        offload = plan_offload(self.settings, name, body) if self.names.holds_tasks(name) else None
         if offload is not None:
             if self._s3 is None:  # startup() opens it whenever a bucket is set
                 raise SqsError("the broker was not started")
@@ -180,12 +192,14 @@ class CancellableSqsBroker(AsyncBroker):
         max_messages: int,
         visibility_timeout: int | None = None,
         attributes: tuple[str, ...] = (),
+        wait: int | None = None,
     ) -> list[dict[str, Any]]:
-        """One long poll; on an SQS error, back off and retry until it answers."""
+        """One long poll (``wait`` seconds, default ``wait_time_seconds``); on an SQS error, back
+        off and retry until it answers."""
         kwargs: dict[str, Any] = {
             "QueueUrl": self._urls[name],
             "MaxNumberOfMessages": max_messages,
-            "WaitTimeSeconds": self.settings.wait_time_seconds,
+            "WaitTimeSeconds": self.settings.wait_time_seconds if wait is None else wait,
             "AttributeNames": ["SentTimestamp"],  # for the queue-wait metric
         }
         if attributes:
@@ -214,60 +228,95 @@ class CancellableSqsBroker(AsyncBroker):
             logger.warning("SQS receive failed, retrying with backoff: %s", self._outage)
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        """Yield main-queue tasks one at a time; set aside what is not one of our tasks.
+        """Yield tasks one at a time, from the first served queue that has one; set aside what
+        is not one of our tasks.
 
-        The long poll is shielded: taskiq cancels it at shutdown, but SQS keeps an abandoned
-        poll open for its wait time and hands it any task sent meanwhile, which then stays
-        invisible for the visibility timeout (a resume sent as this worker leaves, say).
-        ``release_late`` waits for that answer and hands it back.
+        Each task carries the queue it came from as its ``RECEIVED_FROM`` label (added here,
+        after validation: a sender's own labels are refused), for the worker's routing check.
+        The long polls are tasks of their own, which taskiq's cancel at shutdown does not reach:
+        SQS would keep an abandoned poll open for its wait time and hand it any task sent
+        meanwhile, which would then stay invisible for the visibility timeout (a resume sent as
+        this worker leaves, say).
+        ``release_late`` waits for those answers and hands them back.
         """
         while not self._closing:
-            receiving = self._receiving = asyncio.ensure_future(
-                self.receive(
-                    self.names.main,
-                    1,
-                    visibility_timeout=self.settings.visibility_timeout_seconds,
-                    attributes=POINTER_ATTRIBUTES,
-                )
-            )
-            messages = await asyncio.shield(receiving)
+            queue, message = await self._next_message()
             if self._closing:
-                return  # release_late hands these back
-            self._receiving = None
-            for message in messages:
-                receipt = message["ReceiptHandle"]
-                try:
-                    body, pointer = await self._task_body(message)
-                except MalformedMessage as exc:
-                    await self._set_aside(message, str(exc))
-                    continue
-                except _SQS_ERRORS as exc:
-                    logger.warning(
-                        "Could not fetch the body of task message %s, left for redelivery: %s",
-                        message.get("MessageId"),
-                        describe_client_error(exc, self.settings),
-                    )
-                    continue
-                except Exception as exc:  # no pointer may end the listener
-                    await self._set_aside(message, f"unreadable S3 pointer ({exc!r:.200})")
-                    continue
-                reason = self.reject_reason(body)
-                if reason is not None:
-                    await self._set_aside(message, reason)
-                    continue
-                task = self.formatter.loads(body.encode())
-                self._unacked[receipt] = task.task_id
-                metrics.task_received(task.task_name, message)
-                yield AckableMessage(
-                    data=body.encode(),
-                    ack=_Ack(self, self.names.main, receipt, pointer),
+                # Handed back here as well as by ``release_late``, whichever saw it first.
+                await self._hand_back({message["ReceiptHandle"]: ("", queue)})
+                return
+            receipt = message["ReceiptHandle"]
+            try:
+                body, pointer = await self._task_body(message)
+            except MalformedMessage as exc:
+                await self._set_aside(queue, message, str(exc))
+                continue
+            except _SQS_ERRORS as exc:
+                logger.warning(
+                    "Could not fetch the body of task message %s, left for redelivery: %s",
+                    message.get("MessageId"),
+                    describe_client_error(exc, self.settings),
                 )
+                continue
+            except Exception as exc:  # no pointer may end the listener
+                await self._set_aside(queue, message, f"unreadable S3 pointer ({exc!r:.200})")
+                continue
+            reason = self.reject_reason(body)
+            if reason is not None:
+                await self._set_aside(queue, message, reason)
+                continue
+            task = self.formatter.loads(body.encode())
+            self._unacked[receipt] = (task.task_id, queue)
+            metrics.task_received(task.task_name, message)
+            task.labels[RECEIVED_FROM] = queue
+            yield AckableMessage(
+                data=self.formatter.dumps(task).message,
+                ack=_Ack(self, queue, receipt, pointer),
+            )
 
-    async def _set_aside(self, message: dict[str, Any], reason: str) -> None:
+    async def _next_message(self) -> tuple[str, dict[str, Any]]:
+        """The next message to take, and its queue: the first queue in order that has one.
+
+        Called when a slot is free. Every queue but the last is looked at once, in order,
+        without waiting (an open long poll is not trusted to have answered: some SQS servers
+        wake it only at its wait time); the last needs no look, its long poll answers at once.
+        Then every queue has a long poll open, and the first answer decides. So taking a task
+        costs at most one short receive per queue before the last, an idle worker makes one
+        request per queue per wait time, and it holds at most one received message per queue
+        beyond its slots (when several polls answer at once).
+        """
+        look = True
+        while True:
+            for queue, polling in list(self._receiving.items()):
+                if polling.done():
+                    del self._receiving[queue]
+                    self._received[queue].extend(polling.result())
+            for queue in self.task_queues:
+                if not self._received[queue] and look and queue != self.task_queues[-1]:
+                    self._received[queue].extend(await self._receive_task(queue, wait=0))
+                if self._received[queue]:
+                    return queue, self._received[queue].pop(0)
+            look = False
+            for queue in self.task_queues:
+                if queue not in self._receiving:
+                    self._receiving[queue] = asyncio.ensure_future(self._receive_task(queue))
+            # Cancelling this wait (taskiq's shutdown) leaves the polls open for ``release_late``.
+            await asyncio.wait(set(self._receiving.values()), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _receive_task(self, queue: str, wait: int | None = None) -> list[dict[str, Any]]:
+        return await self.receive(
+            queue,
+            1,
+            visibility_timeout=self.settings.visibility_timeout_seconds,
+            attributes=POINTER_ATTRIBUTES,
+            wait=wait,
+        )
+
+    async def _set_aside(self, queue: str, message: dict[str, Any], reason: str) -> None:
         """Log a task message that is not one of ours with its id, and delete it."""
         logger.warning("Deleting malformed task message %s: %s", message.get("MessageId"), reason)
         metrics.task_rejected()
-        await self.delete(self.names.main, message["ReceiptHandle"])
+        await self.delete(queue, message["ReceiptHandle"])
 
     async def _task_body(self, message: dict[str, Any]) -> tuple[str, PayloadPointer | None]:
         """The task body of ``message``: the message body, or the S3 object it points to.
@@ -317,31 +366,36 @@ class CancellableSqsBroker(AsyncBroker):
         return await self._hand_back(unacked)
 
     async def release_late(self) -> int:
-        """After ``release_unstarted``: wait for the main-queue poll the shutdown cut short (at
-        most its wait time) and hand back what it brings."""
+        """After ``release_unstarted``: wait for the task-queue polls the shutdown cut short (at
+        most their wait time) and hand back what they bring, with what they brought before."""
+        answers = await asyncio.gather(*(self._answer_of(q, f) for q, f in self._receiving.items()))
+        self._receiving = {}
+        for queue, messages in answers:
+            self._received[queue].extend(messages)
         late = {}
-        for message in await self._answer_of(self._receiving):
-            body = message.get("Body", "")
-            # A malformed one is handed back too, for the next receiver to set aside.
-            task_id = (
-                "" if self.reject_reason(body) else self.formatter.loads(body.encode()).task_id
-            )
-            late[message["ReceiptHandle"]] = task_id
-        self._receiving = None
+        for queue, messages in self._received.items():
+            for message in messages:
+                body = message.get("Body", "")
+                # A malformed one is handed back too, for the next receiver to set aside.
+                task_id = (
+                    "" if self.reject_reason(body) else self.formatter.loads(body.encode()).task_id
+                )
+                late[message["ReceiptHandle"]] = (task_id, queue)
+            messages.clear()
         handed_back = await self._hand_back(late)
         if handed_back:
             logger.info("Handed %d task(s) of the last poll back to the queue", handed_back)
         return handed_back
 
-    async def _hand_back(self, messages: Mapping[str, str]) -> int:
-        """Make these main-queue messages (receipt handle -> task id) visible again at once."""
+    async def _hand_back(self, messages: Mapping[str, tuple[str, str]]) -> int:
+        """Make these messages (receipt handle -> task id, queue) visible again at once."""
         handed_back = 0
-        for receipt, task_id in messages.items():
+        for receipt, (task_id, queue) in messages.items():
             if task_id:
                 self.released.add(task_id)
             try:
                 await self._client.change_message_visibility(
-                    QueueUrl=self._urls[self.names.main], ReceiptHandle=receipt, VisibilityTimeout=0
+                    QueueUrl=self._urls[queue], ReceiptHandle=receipt, VisibilityTimeout=0
                 )
                 handed_back += 1
             except _SQS_ERRORS as exc:
@@ -350,19 +404,17 @@ class CancellableSqsBroker(AsyncBroker):
         return handed_back
 
     async def _answer_of(
-        self, receiving: asyncio.Future[list[dict[str, Any]]] | None
-    ) -> list[dict[str, Any]]:
+        self, queue: str, receiving: asyncio.Future[list[dict[str, Any]]]
+    ) -> tuple[str, list[dict[str, Any]]]:
         """The messages of a poll cut short by the shutdown; none if SQS does not answer."""
-        if receiving is None:
-            return []
         try:
             await asyncio.wait({receiving}, timeout=self.settings.wait_time_seconds + _ANSWER_SLACK)
         finally:
             receiving.cancel()  # no-op once answered; else it would retry past the shutdown
         if receiving.cancelled() or receiving.exception() is not None:
-            logger.warning("The main-queue poll cut short by the shutdown did not answer")
-            return []
-        return receiving.result()
+            logger.warning("The poll of %s cut short by the shutdown did not answer", queue)
+            return queue, []
+        return queue, receiving.result()
 
     def settle(self, receipt_handle: str) -> bool:
         """Whether a starting task's message should be deleted (False once handed back)."""

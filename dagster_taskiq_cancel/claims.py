@@ -13,7 +13,7 @@ Every key is specific to one launch: task ids already are (run id, ``{run_id}-re
 - ``claim/{digest}``: the task's claim, ``{"task_id", "worker_id", "at"}`` (written once);
 - ``released/{digest}``: the worker that stopped the task's process for another worker to
   resume its run (fencing, scale-in);
-- ``sent/{run_id}``: the task the launcher last sent for the run, ``{"task_id", "at"}``.
+- ``sent/{run_id}``: the task the launcher last sent for the run, ``{"task_id", "at", "queue"}``.
 
 ``{digest}`` is a hash of the task id, so that keys stay short and distinct within the first 64
 characters (MySQL's unique index covers no more).
@@ -54,10 +54,12 @@ class Claim:
 
 @dataclass(frozen=True)
 class Sent:
-    """The task the launcher last sent for a run, and when."""
+    """The task the launcher last sent for a run, when, and to which queue (None: recorded by
+    an earlier version, which sent every run to the main queue)."""
 
     task_id: str
     at: float
+    queue: str | None = None
 
 
 def _digest(task_id: str) -> str:
@@ -113,9 +115,12 @@ def claim_of(instance: DagsterInstance, task_id: str) -> Claim | None:
     return claims(instance, [task_id]).get(task_id)
 
 
-def record_sent(instance: DagsterInstance, run_id: str, task_id: str) -> None:
-    """The launcher's record that ``task_id`` is now the run's task (launch or resume)."""
-    value = json.dumps({"task_id": task_id, "at": time.time()})
+def record_sent(
+    instance: DagsterInstance, run_id: str, task_id: str, queue: str | None = None
+) -> None:
+    """The launcher's record that ``task_id`` is now the run's task (launch or resume), sent to
+    ``queue``."""
+    value = json.dumps({"task_id": task_id, "at": time.time(), "queue": queue})
     sql_storage(instance).set_cursor_values({sent_key(run_id): value})
 
 
@@ -126,7 +131,7 @@ def sent_key_sql(run_id: db.ColumnElement[str]) -> db.ColumnElement[str]:
 
 def parse_sent(value: str) -> Sent:
     found = json.loads(value)
-    return Sent(str(found["task_id"]), float(found["at"]))
+    return Sent(str(found["task_id"]), float(found["at"]), _text(found.get("queue")))
 
 
 def sent(instance: DagsterInstance, run_ids: Collection[str]) -> dict[str, Sent]:
@@ -148,6 +153,10 @@ def release(instance: DagsterInstance, task_id: str, worker_id: str) -> None:
 def released_by(instance: DagsterInstance, task_id: str) -> str | None:
     key = released_key(task_id)
     return instance.run_storage.get_cursor_values({key}).get(key)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _read(instance: DagsterInstance, keys: dict[str, str]) -> dict[str, dict[str, object]]:

@@ -38,7 +38,8 @@ from dagster_taskiq_cancel.bulk import (
 )
 from dagster_taskiq_cancel.cancel import environment_user
 from dagster_taskiq_cancel.dev import DevError, instance_problem, join_running_demo
-from dagster_taskiq_cancel.queues import QueueNames, SqsError, SyncQueues, backlog_figures
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues, backlog_figures
+from dagster_taskiq_cancel.routing import served_pools
 from dagster_taskiq_cancel.settings import (
     SettingsError,
     TaskiqCancelSettings,
@@ -55,7 +56,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SCHEMA_RACE_TRIES = 5
 _DUPLICATE_PGCODES = frozenset({"23505", "42P07", "42710"})  # unique, table, object
 # The settings each command reads; the worker reads them all.
-QUEUE_SETTINGS = ("queue_name", "region_name", "endpoint_url")
+QUEUE_SETTINGS = ("queue_name", "region_name", "endpoint_url", "priority_lanes")
 HEALTH_SETTINGS = ("metrics_port", "metrics_host")
 # Libraries' INFO lines a worker would print at every task or connection: not the user's news.
 QUIET_LOGGERS = ("alembic", "botocore", "aiobotocore", "aioboto3", "boto3")
@@ -153,7 +154,10 @@ def require_linux() -> None:
 
 def admin(fn: Callable[[SyncQueues], Any], overrides: dict[str, Any]) -> Any:
     try:
-        return fn(SyncQueues(current_settings(overrides)))
+        settings = current_settings(overrides)
+        queues = SyncQueues(settings)
+        queues.names.task_queues(served_pools(settings), False)  # a bad pool name: said now
+        return fn(queues)
     except (SettingsError, SqsError) as exc:
         raise click.ClickException(str(exc)) from None
     except (DagsterInvariantViolationError, DagsterInvalidConfigError) as exc:
@@ -183,16 +187,35 @@ def main(ctx: click.Context) -> None:
             click.echo(note, err=True)
 
 
+def queue_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--queue POOL``, repeatable: the command's pools, as the ``serve_queues`` setting."""
+    return click.option(
+        "--queue",
+        "pools",
+        multiple=True,
+        metavar="POOL",
+        help=f"A pool {what} (repeatable): `default` is the main queue, `gpu` the queue "
+        "`{queue_name}-gpu`. Without it: serve_queues, else the main queue alone.",
+    )
+
+
+def with_pools(overrides: dict[str, Any], pools: tuple[str, ...]) -> dict[str, Any]:
+    """The overrides with ``--queue`` values as ``serve_queues`` (which they then override)."""
+    return {**overrides, "serve_queues": ",".join(pools)} if pools else overrides
+
+
 @main.command()
 @click.option("--workers", default=1, show_default=True, help="Worker processes to start.")
+@queue_option("to take work from, high lanes first")
 @settings_options()
-def worker(workers: int, **overrides: Any) -> None:
+def worker(workers: int, pools: tuple[str, ...], **overrides: Any) -> None:
     """Run worker processes: execute runs and steps, stop them when their run is cancelled.
 
     Linux only. Its settings come from the TaskiqRunLauncher config in DAGSTER_HOME's
     dagster.yaml, then DAGSTER_TASKIQ_*; these options override both.
     """
     require_linux()
+    overrides = with_pools(overrides, pools)
     # Before the instance: Dagster's Postgres storage logs through the root logger while it
     # creates its schema, which would otherwise leave it at WARNING, without our format.
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, force=True)
@@ -263,18 +286,20 @@ def queues() -> None:
 
 
 @queues.command()
+@queue_option("whose queue to create")
 @settings_options(*QUEUE_SETTINGS)
-def create(**overrides: Any) -> None:
-    """Create the three queues (idempotent)."""
-    for name, url in admin(SyncQueues.create_all, overrides).items():
+def create(pools: tuple[str, ...], **overrides: Any) -> None:
+    """Create the main, cancels and acks queues, and each pool's (idempotent)."""
+    for name, url in admin(SyncQueues.create_all, with_pools(overrides, pools)).items():
         click.echo(f"{name}\t{url}")
 
 
 @queues.command()
+@queue_option("whose queue to purge")
 @settings_options(*QUEUE_SETTINGS)
-def purge(**overrides: Any) -> None:
-    """Delete every message in the three queues."""
-    admin(SyncQueues.purge_all, overrides)
+def purge(pools: tuple[str, ...], **overrides: Any) -> None:
+    """Delete every message in the main, cancels and acks queues, and each pool's."""
+    admin(SyncQueues.purge_all, with_pools(overrides, pools))
     click.echo("purged")
 
 
@@ -287,13 +312,15 @@ def purge(**overrides: Any) -> None:
     help="Worker processes per replica (`worker --workers`): slots per replica = this times "
     "--concurrency.",
 )
+@queue_option("whose backlog to report")
 @settings_options(*QUEUE_SETTINGS, "concurrency")
-def status(workers: int, **overrides: Any) -> None:
-    """Print message counts per queue as JSON, and the main queue's backlog per worker slot."""
-    depths, settings = admin(lambda q: (q.depths(), q.settings), overrides)
-    main_depth = depths[QueueNames.from_setting(settings.queue_name).main]
-    main_depth.update(backlog_figures(main_depth, workers * settings.concurrency))
-    if not settings.keyring:
+def status(workers: int, pools: tuple[str, ...], **overrides: Any) -> None:
+    """Print message counts per queue as JSON, and each task queue's backlog per worker slot
+    (one autoscaler per pool)."""
+    depths, queues = admin(lambda q: (q.depths(), q), with_pools(overrides, pools))
+    for name in queues.task_queue_names:
+        depths[name].update(backlog_figures(depths[name], workers * queues.settings.concurrency))
+    if not queues.settings.keyring:
         click.echo(
             "Warning: no signing key is set (DAGSTER_TASKIQ_SIGNING_KEYS): anyone who can send "
             "to the queues can forge cancel requests and acks, and an ack can rewrite a "

@@ -1,4 +1,5 @@
-"""TaskiqRunLauncher: sends runs to the main queue and records cancel intent before any signal."""
+"""TaskiqRunLauncher: sends runs to their pool's queue and records cancel intent before any
+signal."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from dagster_taskiq_cancel import claims
 from dagster_taskiq_cancel.cancel import request_cancel, retries_restored, terminate_requester
 from dagster_taskiq_cancel.heartbeats import worker_health
 from dagster_taskiq_cancel.messages import codec_for
-from dagster_taskiq_cancel.queues import SyncQueues
+from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.routing import plan_pool, run_pool, task_queue
 from dagster_taskiq_cancel.settings import (
     LAUNCHER_CONFIG,
     TaskiqCancelSettings,
@@ -110,10 +112,17 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         what: str,
         tags: Mapping[str, str] | None = None,
     ) -> None:
-        queue = self.queues.names.main
-        claims.record_sent(self._instance, run.run_id, message.task_id)
+        """Record the task as the run's, then send it to the run's pool (``routing``).
+
+        A pool whose queue does not exist raises before anything is recorded or sent: Dagster
+        then ends the run FAILURE with this error as its engine event. The pool goes in the
+        run's ``dagster-taskiq/queue`` tag, so that its re-executions and resumes go there too.
+        """
+        pool = run_pool(run, self.settings, plan_pool(self._instance, run))
+        queue = self._routed_queue(run, pool)
+        claims.record_sent(self._instance, run.run_id, message.task_id, queue)
         self._instance.add_run_tags(
-            run.run_id, {TASK_ID_TAG: message.task_id, QUEUE_TAG: queue, **(tags or {})}
+            run.run_id, {TASK_ID_TAG: message.task_id, QUEUE_TAG: pool, **(tags or {})}
         )
         self.queues.send(queue, message.body, group_id=run.run_id, dedup_id=message.task_id)
         self._instance.report_engine_event(
@@ -122,6 +131,21 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             EngineEventData({"queue": queue, "task_id": message.task_id}),
             cls=self.__class__,
         )
+
+    def _routed_queue(self, run: DagsterRun, pool: str) -> str:
+        """The run's task queue, once SQS confirmed it exists; else an error saying how to make
+        it."""
+        try:
+            queue = task_queue(self.queues.names, self.settings, pool, run.tags)
+            self.queues.url(queue)
+        except SqsError as exc:
+            raise SqsError(
+                f"Run {run.run_id} not sent: it is routed to pool {pool!r} "
+                f"({QUEUE_TAG} tag of the run, else of its ops, else location_queues): {exc}. "
+                f"Create its queue with `dagster-taskiq-cancel queues create --queue {pool}` "
+                "(with the launcher's settings), or tag the run with a pool that workers serve."
+            ) from exc
+        return queue
 
     def terminate(self, run_id: str) -> bool:
         """Record CANCELING (the durable intent), then send the fast-path hint.

@@ -1,4 +1,8 @@
-"""The three queues of one deployment, their names, and the synchronous SQS calls on them.
+"""The queues of one deployment, their names, and the synchronous SQS calls on them.
+
+Three queues are shared by every pool: the main queue (the default pool's tasks), cancels and
+acks. Each further pool has a task queue of its own, ``{base}-{pool}`` (``pool_queue``), and with
+priority lanes each task queue a high lane beside it (``lane_queue``).
 
 The launcher, the step handler, the sensor and the CLI run in synchronous code (the webserver
 even inside a running event loop), so they use plain boto3 here; only the worker is async.
@@ -9,6 +13,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +27,12 @@ from dagster_taskiq_cancel.payloads import S3_CONFIG, plan_offload
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, endpoint_for, is_local
 
 FIFO_SUFFIX = ".fifo"
+# The pool of the main queue: what routes to it, and what ``worker`` serves without ``--queue``.
+DEFAULT_POOL = "default"
+HIGH_LANE = "-high"
+_POOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+# Pool names whose queue would be one of the shared queues, a hint queue or a high lane.
+_RESERVED_POOLS = frozenset({"cancels", "cancel-acks"})
 
 
 class SqsError(RuntimeError):
@@ -52,6 +64,57 @@ class QueueNames:
             (name[: -len(FIFO_SUFFIX)], FIFO_SUFFIX) if name.endswith(FIFO_SUFFIX) else (name, "")
         )
         return cls(main=name, cancels=f"{base}-cancels{suffix}", acks=f"{base}-cancel-acks{suffix}")
+
+    def _split(self, name: str) -> tuple[str, str]:
+        suffix = FIFO_SUFFIX if self.fifo else ""
+        return (name[: -len(suffix)] if suffix else name), suffix
+
+    def pool_queue(self, pool: str) -> str:
+        """The task queue of ``pool``: the main queue for the default pool, else
+        ``{base}-{pool}`` (``.fifo`` kept at the end); ``SqsError`` for a name SQS or the shared
+        queues forbid.
+
+        The main queue's own name is also the default pool, so that a run tagged by an earlier
+        version (which wrote the queue name into ``dagster-taskiq/queue``) routes as before.
+        """
+        if pool in (DEFAULT_POOL, self.main):
+            return self.main
+        if (
+            not _POOL_NAME.fullmatch(pool)
+            or pool in _RESERVED_POOLS
+            or pool.startswith("w-")
+            or pool.endswith(HIGH_LANE)
+        ):
+            raise SqsError(
+                f"{pool!r} is not a usable pool name: use up to 40 letters, digits, '-' or '_', "
+                f"not cancels, cancel-acks, w-… or …{HIGH_LANE} (they name other queues)"
+            )
+        base, suffix = self._split(self.main)
+        return f"{base}-{pool}{suffix}"
+
+    def holds_tasks(self, name: str) -> bool:
+        """Whether ``name`` is a task queue (whose bodies may go to S3), not a queue of cancel
+        requests (shared or a worker's ``{base}-w-…``) or acks."""
+        return name not in (self.cancels, self.acks) and not name.startswith(
+            self._split(self.main)[0] + "-w-"
+        )
+
+    def lane_queue(self, queue: str, high: bool) -> str:
+        """The queue of a task queue's lane: itself for the normal lane, ``{queue}-high`` for
+        the high one (``.fifo`` kept at the end)."""
+        if not high:
+            return queue
+        base, suffix = self._split(queue)
+        return f"{base}{HIGH_LANE}{suffix}"
+
+    def task_queues(self, pools: Sequence[str], lanes: bool) -> tuple[str, ...]:
+        """The task queues of ``pools``, every high lane before the normal lanes: the order a
+        worker takes work in."""
+        queues = [self.pool_queue(pool) for pool in pools]
+        if not lanes:
+            return tuple(dict.fromkeys(queues))
+        ordered = [self.lane_queue(q, high) for high in (True, False) for q in queues]
+        return tuple(dict.fromkeys(ordered))
 
 
 def local_credentials(endpoint_url: str | None) -> dict[str, str]:
@@ -147,7 +210,7 @@ class SyncQueues:
         A task body over the large-payload threshold goes to S3 first, the message points to it.
         """
         kwargs: dict[str, Any] = {"QueueUrl": self.url(name), "MessageBody": body}
-        offload = plan_offload(self.settings, name, body) if name == self.names.main else None
+        offload = plan_offload(self.settings, name, body) if self.names.holds_tasks(name) else None
         if offload is not None:
             pointer = offload.pointer
             try:
@@ -179,9 +242,24 @@ class SyncQueues:
             )
         return failures
 
+    @property
+    def task_queue_names(self) -> tuple[str, ...]:
+        """The main queue, then the task queues of the pools in ``serve_queues`` (the admin
+        commands' ``--queue``), with their high lanes when ``priority_lanes`` is on."""
+        pools = [DEFAULT_POOL, *self.settings.serve_queues.split(",")]
+        return self.names.task_queues(
+            [p.strip() for p in pools if p.strip()], self.settings.priority_lanes
+        )
+
+    @property
+    def every_name(self) -> tuple[str, ...]:
+        """The shared queues and ``task_queue_names``: what the admin commands act on."""
+        return tuple(dict.fromkeys([*self.names.all, *self.task_queue_names]))
+
     def create_all(self) -> dict[str, str]:
-        """Create the three queues if missing (idempotent); returns name → URL."""
-        for name in self.names.all:
+        """Create the shared queues and the pools' (``every_name``) if missing (idempotent);
+        returns name → URL."""
+        for name in self.every_name:
             attributes = {"FifoQueue": "true"} if self.names.fifo else {}
             self._urls[name] = self.call("create_queue", QueueName=name, Attributes=attributes)[
                 "QueueUrl"
@@ -189,13 +267,13 @@ class SyncQueues:
         return dict(self._urls)
 
     def purge_all(self) -> None:
-        for name in self.names.all:
+        for name in self.every_name:
             self.call("purge_queue", QueueUrl=self.url(name))
 
     def depths(self) -> dict[str, dict[str, int]]:
-        """Visible and in-flight message counts per queue."""
+        """Visible and in-flight message counts per queue (``every_name``)."""
         counts = {}
-        for name in self.names.all:
+        for name in self.every_name:
             attrs = self.call(
                 "get_queue_attributes",
                 QueueUrl=self.url(name),
@@ -212,7 +290,7 @@ class SyncQueues:
 
 
 def backlog_figures(depth: dict[str, int], slots_per_replica: int) -> dict[str, float | int]:
-    """Main-queue backlog in the units autoscalers use, for ``queues status``.
+    """A task queue's backlog in the units autoscalers use, for ``queues status``.
 
     Tasks are deleted when they start, so the backlog is waiting work only (visible, plus
     received not yet started): ``backlog_per_slot`` is that over one replica's slots, and

@@ -22,7 +22,7 @@ from dagster._config.errors import (
     RuntimeMismatchErrorData,
 )
 from dagster._core.errors import DagsterInvalidConfigError
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -54,6 +54,28 @@ class TaskiqCancelSettings(dg.Config):
         description=(
             "Main queue name or full SQS queue URL. The cancel and ack queues are derived from it: "
             "`{name}-cancels`, `{name}-cancel-acks` (`.fifo` kept at the end for FIFO queues)."
+        ),
+    )
+    location_queues: str = Field(
+        default="",
+        description=(
+            "Default pool per code location, as `location=pool,location=pool`: a run with no "
+            "`dagster-taskiq/queue` tag goes to its location's pool, else to the main queue."
+        ),
+    )
+    serve_queues: str = Field(
+        default="",
+        description=(
+            "Pools a worker serves, comma separated (`worker --queue`, repeatable); empty: the "
+            "main queue (pool `default`). Pool `gpu` is the queue `{name}-gpu`."
+        ),
+    )
+    priority_lanes: bool = Field(
+        default=False,
+        description=(
+            "A high lane `{queue}-high` beside every task queue: work whose `dagster/priority` "
+            "tag is above 0 goes there and workers take it first. Each lane is one more long "
+            "poll per idle worker (3 requests a minute); set it on every component alike."
         ),
     )
     region_name: str = Field(default="us-east-1", description="AWS region of the queues.")
@@ -196,6 +218,16 @@ class TaskiqCancelSettings(dg.Config):
             "Signed cancel requests older than this are rejected as stale (acks never expire)."
         ),
     )
+
+    @field_validator("location_queues")
+    @classmethod
+    def _location_pairs(cls, value: str) -> str:
+        """Each item ``location=pool``: a typo fails at start-up, not as runs on the wrong pool."""
+        for item in filter(str.strip, value.split(",")):
+            location, _, pool = item.partition("=")
+            if not location.strip() or not pool.strip():
+                raise ValueError(f"{item.strip()!r} is not location=pool")
+        return value
 
     @classmethod
     def env_var(cls, field_name: str) -> str:

@@ -1,4 +1,4 @@
-"""TaskiqStepHandler: each Dagster step becomes a taskiq task on the main SQS queue.
+"""TaskiqStepHandler: each Dagster step becomes a taskiq task on its pool's SQS queue.
 
 The step runs on whichever worker receives it, as ``dagster api execute_step`` in a child
 process, so that the worker can stop it when the run storage says its run is no longer live.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
+from dagster import DagsterRun
 from dagster._core.events import DagsterEvent
 from dagster._core.executor.step_delegating import (
     CheckStepHealthResult,
@@ -20,8 +21,9 @@ from dagster._core.executor.step_delegating import (
 from dagster_taskiq_cancel import claims, heartbeats, hints
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
 from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.routing import run_pool, task_queue
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import step_task_id, step_task_message
+from dagster_taskiq_cancel.tasks import QUEUE_TAG, step_task_id, step_task_message
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class TaskiqStepHandler(StepHandler):
         self.codec = codec_for(settings)
         # When this run process sent each step task (or, after a resume, first checked it).
         self._sent: dict[str, float] = {}
+        self._queues: dict[str, str] = {}  # the queue each step task was sent to
 
     @property
     def name(self) -> str:
@@ -68,15 +71,23 @@ class TaskiqStepHandler(StepHandler):
         run_id = step_handler_context.execute_step_args.run_id
         attempt = _attempt(step_handler_context, step_key)
         message = step_task_message(run_id, step_key, attempt, self.codec)
-        queue = self.queues.names.main
+        step_context = step_handler_context.get_step_context(step_key)
+        queue = self._queue(step_handler_context.dagster_run, step_context.step.tags)
         event = DagsterEvent.step_worker_starting(
-            step_handler_context.get_step_context(step_key),
+            step_context,
             message=f"Sending step {step_key} to SQS queue {queue} as task {message.task_id}.",
             metadata={"queue": queue, "task_id": message.task_id},
         )
         self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
         self._sent[message.task_id] = time.time()
+        self._queues[message.task_id] = queue
         yield event
+
+    def _queue(self, run: DagsterRun, step_tags: Mapping[str, str]) -> str:
+        """The step's queue: its op's ``dagster-taskiq/queue`` tag, else its run's pool; the lane
+        from the op's ``dagster/priority``, else the run's (``routing``)."""
+        pool = step_tags.get(QUEUE_TAG) or run_pool(run, self.queues.settings)
+        return task_queue(self.queues.names, self.queues.settings, pool, step_tags, run.tags)
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         """Unhealthy once the step's task is lost, so that the executor fails (or retries) the
@@ -102,7 +113,8 @@ class TaskiqStepHandler(StepHandler):
             return CheckStepHealthResult.unhealthy(
                 f"step task {task_id} was never claimed within "
                 f"{settings.step_claim_timeout_seconds:g}s (step_claim_timeout_seconds): "
-                f"is a worker serving queue {self.queues.names.main}?"
+                "is a worker serving queue "
+                f"{self._queues.get(task_id, 'of its pool')}?"
             )
         lost = heartbeats.why_lost(instance, claim, settings.heartbeat_timeout_seconds)
         if lost is None:

@@ -33,6 +33,9 @@ TASK_KWARGS: Mapping[str, frozenset[str]] = {
 }
 TASK_NAMES = frozenset(TASK_KWARGS)
 TASK_LABELS = frozenset({"run_id", "mac"})
+# Added by the receiving worker's broker after validation (never accepted from a sender): the
+# queue the task came from, which admission compares with where its run storage routed it.
+RECEIVED_FROM = "received_from"
 
 TAG_PREFIX = "dagster-taskiq/"
 TASK_ID_TAG = f"{TAG_PREFIX}task_id"

@@ -352,3 +352,20 @@ def test_a_claim_slower_than_the_storage_timeout_is_run_not_handed_back(
     assert claim is not None and claim.worker_id == worker.worker_id
     queues = deployment.queues
     assert not queues.client.receive_message(QueueUrl=url, WaitTimeSeconds=1).get("Messages")
+
+
+def test_a_run_task_from_another_queue_than_its_run_was_sent_to_is_dropped_unclaimed(
+    sqlite_instance: DagsterInstance, tmp_path: Path
+) -> None:
+    """A `gpu` run's task on the `cpu` queue (forged, or moved by hand) does not run on the
+    `cpu` worker; the copy sent to `gpu` still runs there."""
+    instance = sqlite_instance
+    run = make_run(instance)
+    claims.record_sent(instance, run.run_id, run.run_id, "q-gpu")
+    cpu = gate(instance, "cpu-worker", tmp_path)
+    assert cpu.admit(run.run_id, run.run_id, None, 0, False, "q-cpu") is None
+    assert claims.claim_of(instance, run.run_id) is None
+    admitted = gate(instance, "gpu-worker", tmp_path).admit(
+        run.run_id, run.run_id, None, 0, False, "q-gpu"
+    )
+    assert isinstance(admitted, Admitted)

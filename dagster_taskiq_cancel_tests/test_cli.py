@@ -179,15 +179,48 @@ def test_queues_status_prints_backlog_per_worker_slot(sqs_server: LocalSqsServer
     assert "--workers" in bad.stderr
 
 
+@MOTO_ONLY
+def test_queues_create_and_status_work_per_pool(sqs_server: LocalSqsServer) -> None:
+    """One autoscaler per pool: `status --queue gpu` gives the gpu queue's own backlog."""
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    args = ("--queue-name", queue, "--endpoint-url", sqs_server.endpoint_url)
+    created = cli("queues", "create", *args, "--queue", "gpu", "--queue", "cpu")
+    assert created.returncode == 0, created.stderr
+    listed = {line.split("\t")[0] for line in created.stdout.splitlines()}
+    assert listed == {
+        queue,
+        f"{queue}-cancels",
+        f"{queue}-cancel-acks",
+        f"{queue}-gpu",
+        f"{queue}-cpu",
+    }
+    queues = SyncQueues(
+        TaskiqCancelSettings(queue_name=queue, endpoint_url=sqs_server.endpoint_url)
+    )
+    tasks = [run_task_message(f"run-{index}") for index in range(3)]
+    assert not queues.send_batch(f"{queue}-gpu", [(t.body, t.task_id, t.task_id) for t in tasks])
+    status = cli("queues", "status", *args, "--queue", "gpu", "--concurrency", "2")
+    assert status.returncode == 0, status.stderr
+    depths = json.loads(status.stdout)
+    assert depths[f"{queue}-gpu"]["replicas_for_backlog"] == 2
+    assert depths[queue]["replicas_for_backlog"] == 0
+    bad = cli("queues", "create", *args, "--queue", "cancels")
+    assert bad.returncode == 1
+    assert "not a usable pool name" in bad.stderr
+
+
+LANES = ("--priority-lanes",)
+
+
 def test_each_command_lists_only_the_settings_it_reads() -> None:
     """In-process (click's runner): help and version need no subprocess."""
     every = {f"--{name.replace('_', '-')}" for name in TaskiqCancelSettings.model_fields}
     for command, expected in [
-        (("queues", "create"), {"--queue-name", "--region-name", "--endpoint-url"}),
-        (("queues", "purge"), {"--queue-name", "--region-name", "--endpoint-url"}),
+        (("queues", "create"), {"--queue-name", "--region-name", "--endpoint-url", *LANES}),
+        (("queues", "purge"), {"--queue-name", "--region-name", "--endpoint-url", *LANES}),
         (
             ("queues", "status"),
-            {"--queue-name", "--region-name", "--endpoint-url", "--concurrency"},
+            {"--queue-name", "--region-name", "--endpoint-url", "--concurrency", *LANES},
         ),
         (("health",), {"--metrics-port", "--metrics-host"}),
         (("worker",), every),

@@ -28,7 +28,7 @@ from dagster_taskiq_cancel.payloads import (
 )
 from dagster_taskiq_cancel.queues import boto_client_kwargs
 from dagster_taskiq_cancel.settings import SettingsError, TaskiqCancelSettings, build_settings
-from dagster_taskiq_cancel.tasks import run_task_message
+from dagster_taskiq_cancel.tasks import RECEIVED_FROM, run_task_message
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, main_queue_empty, wait_for
 from dagster_taskiq_cancel_tests.step_jobs import fan_job, fan_run_config
@@ -276,6 +276,8 @@ def test_the_async_broker_sends_and_reads_back_through_s3(offloading: Any) -> No
             await broker.shutdown()
 
     data, stored, after_ack = asyncio.run(round_trip())
-    assert data == task.body.encode()
+    sent = json.loads(task.body)
+    sent["labels"][RECEIVED_FROM] = deployment.queues.names.main  # the broker's note on receipt
+    assert json.loads(data) == sent
     assert len(stored) == 1
     assert after_ack == []

@@ -6,6 +6,7 @@ import time
 
 from dagster import DagsterRunStatus
 
+from dagster_taskiq_cancel.queues import DEFAULT_POOL
 from dagster_taskiq_cancel.tasks import QUEUE_TAG, TASK_ID_TAG, WORKER_ID_TAG
 from dagster_taskiq_cancel_tests.jobs import failing_job, sleepy_job
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment, pid_alive, wait_for
@@ -20,7 +21,7 @@ def test_runs_succeed_and_fail_as_with_the_default_launcher(deployment: Deployme
     deployment.wait_status(bad, {DagsterRunStatus.FAILURE})
     tags = deployment.tags(ok)
     assert tags[TASK_ID_TAG] == ok
-    assert tags[QUEUE_TAG] == deployment.queues.names.main
+    assert tags[QUEUE_TAG] == DEFAULT_POOL
     assert tags[WORKER_ID_TAG]
     assert deployment.executions(ok) == 1
     wait_for(deployment.queue_empty, 10, "queues empty")

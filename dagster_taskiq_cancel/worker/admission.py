@@ -1,8 +1,9 @@
 """Whether a task may run on this worker, and with what: the checks between dequeue and spawn.
 
 A task names ids only, and its sender may be anyone who can write to the queue. A run task runs
-only if the launcher sent it last (``claims.sent``, never a tag) and the run can start; a step
-task only if its run's executor recorded launching this very task. Every argument of the child
+only if the launcher sent it last (``claims.sent``, never a tag), to the queue it came from, and
+the run can start; a step task only if its run's executor recorded launching this very task to
+that queue. Every argument of the child
 comes from the run storage and the worker's own instance (``step_args``). Of concurrent copies
 of one task, the claim (``claims``) lets exactly one worker run it.
 
@@ -60,13 +61,24 @@ class Gate:
     cancel_dir: Path
 
     def admit(
-        self, task_id: str, run_id: str, step_key: str | None, attempt: int, resume: bool
+        self,
+        task_id: str,
+        run_id: str,
+        step_key: str | None,
+        attempt: int,
+        resume: bool,
+        queue: str | None = None,
     ) -> Admitted | DagsterRunStatus | None:
         """The task cleared to run; else the status of a cancelled run (to ack as skipped), or
         None when the task must not run (logged with why). Raises ``NotClaimed`` for an error
-        before the claim; any later error is the claimer's to record."""
+        before the claim; any later error is the claimer's to record.
+
+        ``queue`` is where the task came from: one its sender routed to another queue is not
+        the copy that was sent (a forgery, or a copy moved by hand) and is dropped, so that
+        a pool's work never runs on another pool's workers; the copy sent runs where it went.
+        """
         try:
-            decided = self._claim(task_id, run_id, step_key, resume)
+            decided = self._claim(task_id, run_id, step_key, resume, queue)
         except Exception as exc:
             raise NotClaimed(f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(decided, DagsterRun):
@@ -90,7 +102,7 @@ class Gate:
         return Admitted(run, argv, self.child_env({}, keys.sends_steps(self.instance, run)))
 
     def _claim(
-        self, task_id: str, run_id: str, step_key: str | None, resume: bool
+        self, task_id: str, run_id: str, step_key: str | None, resume: bool, queue: str | None
     ) -> DagsterRun | DagsterRunStatus | None:
         """The run, once this worker claimed the task; else what ``admit`` answers."""
         run = self.instance.get_run_by_id(run_id)
@@ -109,7 +121,7 @@ class Gate:
             return None
         if step_key is not None:
             if run.status != DagsterRunStatus.STARTED or not was_launched(
-                self.instance, run_id, step_key, task_id
+                self.instance, run_id, step_key, task_id, queue
             ):
                 logger.warning(
                     "Dropping task %s: run %s (%s) has no record of launching it",
@@ -129,6 +141,15 @@ class Gate:
                 task_id,
                 run_id,
                 sent.task_id if sent else "no task sent",
+            )
+            return None
+        if queue is not None and sent.queue not in (None, queue):
+            logger.warning(
+                "Dropping task %s from queue %s: run %s was sent to queue %s",
+                task_id,
+                queue,
+                run_id,
+                sent.queue,
             )
             return None
         startable = {DagsterRunStatus.STARTED} if resume else RUN_STARTABLE

@@ -103,7 +103,7 @@ async def _serve(worker: Worker) -> None:
     logger.info(
         "Worker %s listening on %s (%s slots, poll every %ss)",
         worker.worker_id,
-        worker.broker.names.main,
+        ", ".join(worker.broker.task_queues),
         settings.concurrency,
         settings.poll_interval_seconds,
     )

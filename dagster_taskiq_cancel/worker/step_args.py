@@ -17,11 +17,14 @@ from dagster._core.execution.retries import RetryMode
 from dagster._grpc.types import ExecuteStepArgs
 
 
-def was_launched(instance: DagsterInstance, run_id: str, step_key: str, task_id: str) -> bool:
-    """Whether the run's executor recorded sending ``task_id`` for ``step_key``.
+def was_launched(
+    instance: DagsterInstance, run_id: str, step_key: str, task_id: str, queue: str | None = None
+) -> bool:
+    """Whether the run's executor recorded sending ``task_id`` for ``step_key`` (to ``queue``,
+    when given).
 
     The step handler writes this STEP_WORKER_STARTING event before it sends the task, so a real
-    task always finds it; a forged one (another run, step or attempt) never does.
+    task always finds it; a forged one (another run, step, attempt or queue) never does.
     """
     records = instance.get_records_for_run(
         run_id, of_type=DagsterEventType.STEP_WORKER_STARTING
@@ -32,7 +35,10 @@ def was_launched(instance: DagsterInstance, run_id: str, step_key: str, task_id:
             continue
         metadata = getattr(event.event_specific_data, "metadata", None) or {}
         sent = metadata.get("task_id")
-        if getattr(sent, "value", sent) == task_id:
+        if getattr(sent, "value", sent) != task_id:
+            continue
+        sent_to = metadata.get("queue")
+        if queue is None or getattr(sent_to, "value", sent_to) in (None, queue):
             return True
     return False
 

@@ -54,7 +54,13 @@ from dagster_taskiq_cancel.cooperative import announce
 from dagster_taskiq_cancel.messages import CancelRequest, MalformedMessage, Outcome, codec_for
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
-from dagster_taskiq_cancel.tasks import EXECUTE_RUN, EXECUTE_STEP, RESUME_RUN, task_message
+from dagster_taskiq_cancel.tasks import (
+    EXECUTE_RUN,
+    EXECUTE_STEP,
+    RECEIVED_FROM,
+    RESUME_RUN,
+    task_message,
+)
 from dagster_taskiq_cancel.worker import children, keys, records, scale_in, stopping
 from dagster_taskiq_cancel.worker.acks import Acks
 from dagster_taskiq_cancel.worker.admission import Gate, NotClaimed
@@ -119,15 +125,17 @@ class Worker:
 
     def _register_tasks(self) -> None:
         async def execute_run(run_id: str, context: Context = _CONTEXT) -> None:
-            await self.execute(context.message.task_id, run_id, None, 0)
+            await self.execute(context.message.task_id, run_id, None, 0, queue=_came(context))
 
         async def execute_step(
             run_id: str, step_key: str, attempt: str, context: Context = _CONTEXT
         ) -> None:
-            await self.execute(context.message.task_id, run_id, step_key, int(attempt))
+            task_id, queue = context.message.task_id, _came(context)
+            await self.execute(task_id, run_id, step_key, int(attempt), queue=queue)
 
         async def resume_run(run_id: str, attempt: str, context: Context = _CONTEXT) -> None:
-            await self.execute(context.message.task_id, run_id, None, int(attempt), resume=True)
+            task_id, queue = context.message.task_id, _came(context)
+            await self.execute(task_id, run_id, None, int(attempt), resume=True, queue=queue)
 
         self.broker.register_task(execute_run, task_name=EXECUTE_RUN)
         self.broker.register_task(execute_step, task_name=EXECUTE_STEP)
@@ -162,8 +170,12 @@ class Worker:
         step_key: str | None,
         attempt: int,
         resume: bool = False,
+        queue: str | None = None,
     ) -> None:
         """Run one task to its end, unless it is a duplicate or its run is no longer live.
+
+        ``queue`` is the queue the task came from (None: the first served one): a task its run
+        storage routed elsewhere is dropped (``Gate.admit``), and a hand-back goes there.
 
         A resume task (run monitoring found the run's worker dead) starts a STARTED run again
         with `dagster api resume_run`; a run task starts only a run that has not started. The
@@ -183,9 +195,10 @@ class Worker:
             return
         self._remember(task_id)
         self._admitting.add(task_id)
+        queue = queue or self.broker.task_queues[0]
         try:
             admitted = await self._storage_call(
-                self._gate.admit, task_id, run_id, step_key, attempt, resume, to_the_end=True
+                self._gate.admit, task_id, run_id, step_key, attempt, resume, queue, to_the_end=True
             )
             if isinstance(admitted, DagsterRunStatus):
                 metrics.task_not_started(task_id, step_key, "skipped")
@@ -198,7 +211,7 @@ class Worker:
             process = await children.spawn(admitted.argv, admitted.env)
         except NotClaimed as exc:
             # Not this worker's to fail: it did not claim the task.
-            await self._hand_back(task_id, run_id, step_key, attempt, resume, exc)
+            await self._hand_back(task_id, run_id, step_key, attempt, resume, queue, exc)
             return
         except Exception:
             error = serializable_error_info_from_exc_info(sys.exc_info())
@@ -223,6 +236,7 @@ class Worker:
         step_key: str | None,
         attempt: int,
         resume: bool,
+        queue: str,
         why: BaseException,
     ) -> None:
         """Send the task again for another try: its message was deleted on receipt
@@ -233,7 +247,7 @@ class Worker:
         message = task_message(run_id, step_key, attempt, resume, self.codec)
         group_id = message.task_id if step_key is not None else run_id
         await self.broker.send_until_sent(
-            self.broker.names.main, message.body, group_id, f"{task_id}/{uuid.uuid4().hex}"
+            queue, message.body, group_id, f"{task_id}/{uuid.uuid4().hex}"
         )
 
     def holding(self) -> heartbeats.Beat:
@@ -694,6 +708,11 @@ class Worker:
                 close_connections(self._beat_instance)  # type: ignore[arg-type]
                 self._beat_instance.dispose()  # type: ignore[union-attr]
         shutil.rmtree(self._cancel_dir, ignore_errors=True)
+
+
+def _came(context: Context) -> str | None:
+    """The queue a task came from, as the broker labelled it on receipt."""
+    return context.message.labels.get(RECEIVED_FROM)
 
 
 def own_instance(instance: DagsterInstance) -> DagsterInstance:

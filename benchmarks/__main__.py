@@ -13,6 +13,7 @@ from benchmarks import (
     bulk_cancel,
     cancel_latency,
     dispatch,
+    fleet,
     idle_cost,
     scaling,
     ui_header,
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bulk": bulk_cancel.run,
     "header": ui_header.run,
     "default": beside_default.run,
+    "fleet": fleet.run,
 }
 
 

@@ -59,9 +59,11 @@ def free_port() -> int:
 class PostgresCluster:
     """One initdb'd data directory and its postmaster; ``database()`` makes one per test."""
 
-    def __init__(self, durable: bool = False) -> None:
-        """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them."""
+    def __init__(self, durable: bool = False, max_connections: int = 400) -> None:
+        """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them.
+        ``max_connections``: a simulated fleet (the ``fleet`` benchmark) needs more."""
         self.durable = durable
+        self.max_connections = max_connections
         self.root = Path(tempfile.gettempdir())  # set by start()
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -129,7 +131,7 @@ class PostgresCluster:
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
-                "max_connections=400",
+                f"max_connections={self.max_connections}",
                 # Throwaway test data: no need to wait for the disk on every commit.
                 *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off"]),
             ],

@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,7 +44,9 @@ from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
 
 SCENARIO = "7 fleet"
 WORKERS_PER_PROCESS = 75  # several Worker objects share one event loop in each sim process
-WARM_UP_S = 5.0  # after the last worker is up, before the window opens
+LOOPS_AFTER_S = 1.0  # from every sim process ready to the workers' loops starting
+# Then the loops start within one heartbeat interval (10 s by default): the window opens after.
+WARM_UP_S = 12.0
 VERSIONS: Mapping[str, str | None] = {"today": None, BEFORE_FLEET: BEFORE_FLEET}
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -51,7 +54,8 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 def run(ctx: Context) -> list[Row]:
     sizes = ctx.size.fleet_workers
     # Pooled workers keep a few connections each: room for all of them, and the bench's own.
-    cluster = PostgresCluster(durable=True, max_connections=4 * max(sizes) + 50).start()
+    room = {"max_connections": str(4 * max(sizes) + 50)}
+    cluster = PostgresCluster(durable=True, settings=room).start()
     try:
         figures = {
             (workers, label): measure(ctx, cluster, workers, commit)
@@ -86,12 +90,27 @@ def measure(
                 runs = root / f"runs-{index}"
                 runs.write_text("\n".join(batch))
                 args = (str(deployment.home), str(runs), str(sync), "--name", str(index))
-                sims.append(pool.submit(run_with, commit, "benchmarks.fleet_sim", *args))
-            server = window(ctx, cluster, database["db_name"], sync, sims)
-            outputs = [json.loads(sim.result().stdout) for sim in sims]
+                sims.append(pool.submit(simulate, commit, *args))
+            try:
+                server = window(ctx, cluster, database["db_name"], sync, sims)
+            except BaseException:
+                (sync / "go").write_text(json.dumps({"abort": True}))  # the others end now
+                raise
+            outputs = [sim.result() for sim in sims]
     finally:
         deployment.stop()
-    return combine(outputs, server, workers)
+    figures = combine(outputs, server, workers)
+    print(f"fleet {workers} {label}: {json.dumps({**figures, 'poll_ms': len(figures['poll_ms'])})}")
+    return figures
+
+
+def simulate(commit: str | None, *args: str) -> dict[str, Any]:
+    """One ``fleet_sim`` process of ``commit``'s package; its JSON, or its error output."""
+    try:
+        done = run_with(commit, "benchmarks.fleet_sim", *args)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"fleet_sim {args} failed:\n{exc.stderr[-3000:]}") from None
+    return json.loads(done.stdout)
 
 
 def started_runs(deployment: Deployment, count: int) -> list[str]:
@@ -134,8 +153,9 @@ def window(
 
     wait_for(ready, 900, "every fleet sim process ready", interval=0.5)
     seconds = ctx.size.fleet_window_s
-    start = time.time() + WARM_UP_S
-    (sync / "go").write_text(json.dumps({"start": start, "seconds": seconds}))
+    loops = time.time() + LOOPS_AFTER_S
+    start = loops + WARM_UP_S
+    (sync / "go").write_text(json.dumps({"loops": loops, "start": start, "seconds": seconds}))
     stats = psycopg2.connect(
         host="127.0.0.1", port=cluster.port, user=SERVER_USER, password=PASSWORD, dbname=db_name
     )

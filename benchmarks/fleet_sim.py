@@ -18,13 +18,18 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import faulthandler
 import json
 import logging
 import os
+import random
+import signal
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +47,8 @@ from dagster_taskiq_cancel_tests.stack import hold
 
 # Above Linux's largest pid_max (2**22): a signal to the stand-in child can reach no process.
 _NO_PID = 2**22 + 1
+# Workers set up at once: their storage and SQS round trips overlap (a fleet boots in parallel).
+_STARTING_AT_ONCE = 8
 
 
 class Counts:
@@ -130,14 +137,51 @@ class StandInChild:
         return 0
 
 
-async def start_worker(
-    run_id: str, queues: SyncQueues, scratch: Path
-) -> tuple[Any, list[asyncio.Task[Any]]]:
-    """One busy worker, as ``cli worker`` makes it, with its loops running."""
+@dataclass
+class Busy:
+    """One simulated worker, set up, its loops not yet started."""
+
+    worker: Any  # worker.Worker, of whichever version is on the path
+    held: HeldTask
+    receiver: Any  # taskiq's Receiver, as the worker process makes it
+
+    def loops(self, delay: float) -> list[asyncio.Task[Any]]:
+        """Its loops, started ``delay`` seconds from now: a fleet's beats are not in step."""
+
+        async def later(loop: Coroutine[Any, Any, Any]) -> Any:
+            await asyncio.sleep(delay)
+            return await loop
+
+        return [
+            asyncio.get_running_loop().create_task(later(loop))
+            for loop in (
+                self.receiver.listen(asyncio.Event()),
+                self.worker.poll_loop(),
+                self.worker.heartbeat_loop(),
+                self.worker.cancel_loop(),
+                self.worker.hint_loop(),
+                self.worker._run_child(self.held),
+            )
+        ]
+
+
+def serving_instance() -> Any:
+    """The instance as ``cli worker`` loads it and ``process.serve`` prepares it: pooled
+    connections where the version has them (issue 27), Dagster's own engines in 94b9a24."""
+    instance = load_worker_instance()
+    try:
+        from dagster_taskiq_cancel.worker.pooled import pool_connections  # type: ignore
+    except ImportError:
+        return instance
+    return pool_connections(instance)
+
+
+async def set_up(run_id: str, queues: SyncQueues, scratch: Path) -> Busy:
+    """One busy worker as ``cli worker`` makes it: its instance, broker, hint queue, claim."""
     from taskiq import AcknowledgeType
     from taskiq.receiver import Receiver
 
-    instance = await asyncio.to_thread(load_worker_instance)
+    instance = await asyncio.to_thread(serving_instance)
     settings = worker_settings(instance, {})
     worker = worker_module.Worker(settings, instance)
     await worker.broker.startup()
@@ -146,7 +190,8 @@ async def start_worker(
     await asyncio.to_thread(hold, instance, run_id, worker.worker_id)
     run = await asyncio.to_thread(instance.get_run_by_id, run_id)
     assert run is not None
-    held = HeldTask(run_id, run_id, None, StandInChild(), run.tags, scratch / run_id)  # type: ignore[arg-type]
+    child: Any = StandInChild()
+    held = HeldTask(run_id, run_id, None, child, run.tags, scratch / run_id)
     receiver = Receiver(
         worker.broker,
         max_async_tasks=settings.concurrency,
@@ -154,15 +199,7 @@ async def start_worker(
         ack_type=AcknowledgeType.WHEN_RECEIVED,
         run_startup=False,
     )
-    loop = asyncio.get_running_loop()
-    return worker, [
-        loop.create_task(receiver.listen(asyncio.Event())),
-        loop.create_task(worker.poll_loop()),
-        loop.create_task(worker.heartbeat_loop()),
-        loop.create_task(worker.cancel_loop()),
-        loop.create_task(worker.hint_loop()),
-        loop.create_task(worker._run_child(held)),
-    ]
+    return Busy(worker, held, receiver)
 
 
 async def wait_for_file(path: Path, timeout: float) -> str:
@@ -181,16 +218,25 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
     admin = load_worker_instance()
     queues = SyncQueues(worker_settings(admin, {}))  # hint queues: set-up only, not counted
     admin.dispose()
-    workers = []
+    fleet: list[Busy] = []
     tasks: list[asyncio.Task[Any]] = []
     try:
-        for run_id in run_ids:
-            worker, loops = await start_worker(run_id, queues, scratch)
-            tasks += loops
-            workers.append(worker)
+        starting = asyncio.Semaphore(_STARTING_AT_ONCE)
+
+        async def one(run_id: str) -> None:
+            async with starting:
+                fleet.append(await set_up(run_id, queues, scratch))
+
+        await asyncio.gather(*(one(run_id) for run_id in run_ids))
         setup_s = time.monotonic() - started
         (sync / f"ready-{name}").write_text("")
         go = json.loads(await wait_for_file(sync / "go", 900))
+        if go.get("abort"):
+            raise RuntimeError("another fleet sim process failed: no window")
+        await asyncio.sleep(max(0.0, go["loops"] - time.time()))
+        for busy in fleet:
+            spread = busy.worker.settings.heartbeat_timeout_seconds / 6  # one beat interval
+            tasks += busy.loops(random.uniform(0, spread))
         start, end = go["start"], go["start"] + go["seconds"]
         await asyncio.sleep(max(0.0, start - time.time()))
         first = COUNTS.snapshot()
@@ -201,8 +247,7 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for worker in workers:
-            await _stop(worker, queues)
+        await asyncio.gather(*(_stop(busy.worker) for busy in fleet))
     with COUNTS.lock:
         poll_ms = [ms for at, ms in COUNTS.poll_ms if start <= at <= end]
         problems = COUNTS.problems.most_common(5)
@@ -220,10 +265,12 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
     }
 
 
-async def _stop(worker: Any, queues: SyncQueues) -> None:
+async def _stop(worker: Any) -> None:
+    """Close its client, threads and connections. Its hint queue is left: the deployment's own,
+    so no other one lists it, and moto answers a queue's deletion only after the long polls
+    still waiting on it (a worker's own exit would delete it, one at a time)."""
     try:
         await worker.broker.shutdown()
-        await asyncio.to_thread(hints.delete, queues, worker.hint_queue)
     finally:
         worker.close()
         worker.instance.dispose()
@@ -236,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sync", type=Path, help="folder: ready-NAME written, go read")
     parser.add_argument("--name", default=str(os.getpid()))
     args = parser.parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # where a stuck sim is: kill -USR1, see its stderr
     os.environ.update({**LOCAL_CREDENTIALS, "DAGSTER_HOME": str(args.home)})
     run_ids = args.runs.read_text().split()
     result = asyncio.run(simulate(run_ids, args.sync, args.name))

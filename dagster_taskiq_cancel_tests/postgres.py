@@ -59,11 +59,11 @@ def free_port() -> int:
 class PostgresCluster:
     """One initdb'd data directory and its postmaster; ``database()`` makes one per test."""
 
-    def __init__(self, durable: bool = False, max_connections: int = 400) -> None:
+    def __init__(self, durable: bool = False, settings: Mapping[str, str] | None = None) -> None:
         """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them.
-        ``max_connections``: a simulated fleet (the ``fleet`` benchmark) needs more."""
+        ``settings`` are more server settings (the fleet benchmark's ``max_connections``)."""
         self.durable = durable
-        self.max_connections = max_connections
+        self.settings = dict(settings or {})
         self.root = Path(tempfile.gettempdir())  # set by start()
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
@@ -131,9 +131,14 @@ class PostgresCluster:
                 "-c",
                 "listen_addresses=127.0.0.1",
                 "-c",
-                f"max_connections={self.max_connections}",
+                "max_connections=400",
                 # Throwaway test data: no need to wait for the disk on every commit.
                 *([] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off"]),
+                *[
+                    arg
+                    for name, value in self.settings.items()
+                    for arg in ("-c", f"{name}={value}")
+                ],
             ],
             stdout=self.log.open("wb"),
             stderr=subprocess.STDOUT,

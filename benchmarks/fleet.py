@@ -258,8 +258,10 @@ def rows(
         before_p99 = percentile(before["poll_ms"], 99) if before["poll_ms"] else float("nan")
         note = (
             f"{workers} workers, {seconds:.0f} s window; {BEFORE_FLEET} p99 {before_p99:.1f} ms; "
-            f"warnings today {today['problems']}, {BEFORE_FLEET} {before['problems']}; "
-            f"SQS today {today['sqs_by_operation']}"
+            f"worker warnings (non-zero: the machine could not carry this fleet, its figures "
+            f"are low) today {today['problems']} {today['problem_kinds'][:1]}, {BEFORE_FLEET} "
+            f"{before['problems']} {before['problem_kinds'][:1]}; SQS today "
+            f"{today['sqs_by_operation']}"
         )
         out.append(
             Row(

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import faulthandler
 import json
 import logging
@@ -49,6 +50,7 @@ from dagster_taskiq_cancel_tests.stack import hold
 _NO_PID = 2**22 + 1
 # Workers set up at once: their storage and SQS round trips overlap (a fleet boots in parallel).
 _STARTING_AT_ONCE = 8
+_STOP_WAIT_S = 15.0  # for the workers to close, once the window is over
 
 
 class Counts:
@@ -246,8 +248,13 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
     finally:
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*(_stop(busy.worker) for busy in fleet))
+        stopping = asyncio.gather(
+            *tasks, *(_stop(busy.worker) for busy in fleet), return_exceptions=True
+        )
+        # The figures are taken: a worker slow to let go (a long poll or a storage call still
+        # out) must not hold them back. The process exits hard after printing them (``main``).
+        with contextlib.suppress(Exception, asyncio.TimeoutError):
+            await asyncio.wait_for(stopping, _STOP_WAIT_S)
     with COUNTS.lock:
         poll_ms = [ms for at, ms in COUNTS.poll_ms if start <= at <= end]
         problems = COUNTS.problems.most_common(5)
@@ -286,9 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     faulthandler.register(signal.SIGUSR1)  # where a stuck sim is: kill -USR1, see its stderr
     os.environ.update({**LOCAL_CREDENTIALS, "DAGSTER_HOME": str(args.home)})
     run_ids = args.runs.read_text().split()
-    result = asyncio.run(simulate(run_ids, args.sync, args.name))
+    # Not ``asyncio.run`` and not a normal exit: both wait for every task and thread to end,
+    # and one worker still in a long poll or a storage call would keep the process (and the
+    # benchmark) waiting. The servers close what is left open when the process is gone.
+    result = asyncio.new_event_loop().run_until_complete(simulate(run_ids, args.sync, args.name))
     json.dump(result, sys.stdout)
-    return 0
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

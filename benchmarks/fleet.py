@@ -20,7 +20,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from dagster import DagsterEvent, DagsterEventType, DagsterInstance
 from dagster._core.utils import make_new_run_id
 
 from benchmarks.baseline import BEFORE_FLEET, run_with
+from benchmarks.fleet_sim import ABORT
 from benchmarks.harness import Context
 from benchmarks.stats import Row, percentile
 from dagster_taskiq_cancel import claims
@@ -44,9 +45,8 @@ from dagster_taskiq_cancel_tests.stack import Deployment, wait_for
 
 SCENARIO = "7 fleet"
 WORKERS_PER_PROCESS = 75  # several Worker objects share one event loop in each sim process
-LOOPS_AFTER_S = 1.0  # from every sim process ready to the workers' loops starting
-# Then the loops start within one heartbeat interval (10 s by default): the window opens after.
-WARM_UP_S = 12.0
+LOOPS_AFTER_S = 1.0  # from every sim process set up to its workers' loops starting
+WARM_UP_S = 2.0  # from every worker's first beat to the window
 VERSIONS: Mapping[str, str | None] = {"today": None, BEFORE_FLEET: BEFORE_FLEET}
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -94,7 +94,9 @@ def measure(
             try:
                 server = window(ctx, cluster, database["db_name"], sync, sims)
             except BaseException:
-                (sync / "go").write_text(json.dumps({"abort": True}))  # the others end now
+                for order in ("loops", "go"):  # the others end now
+                    if not (sync / order).exists():
+                        (sync / order).write_text(ABORT)
                 raise
             outputs = [sim.result() for sim in sims]
     finally:
@@ -144,18 +146,22 @@ def window(
 ) -> dict[str, float]:
     """Open the window once every sim process is ready; the server's figures over it."""
 
-    def ready() -> bool:
-        failed = [sim for sim in sims if sim.done()]
-        if failed:
-            failed[0].result()  # raises the sim's error (its stderr is in the exception)
-            raise RuntimeError("a fleet sim process ended before the window")
-        return len(list(sync.glob("ready-*"))) == len(sims)
+    def every(stage: str) -> Callable[[], bool]:
+        def reached() -> bool:
+            failed = [sim for sim in sims if sim.done()]
+            if failed:
+                failed[0].result()  # raises the sim's error (its stderr is in the exception)
+                raise RuntimeError("a fleet sim process ended before the window")
+            return len(list(sync.glob(f"{stage}-*"))) == len(sims)
 
-    wait_for(ready, 900, "every fleet sim process ready", interval=0.5)
+        return reached
+
+    wait_for(every("set-up"), 900, "every fleet sim process set up", interval=0.5)
+    (sync / "loops").write_text(str(time.time() + LOOPS_AFTER_S))
+    wait_for(every("ready"), 900, "every simulated worker beating", interval=0.5)
     seconds = ctx.size.fleet_window_s
-    loops = time.time() + LOOPS_AFTER_S
-    start = loops + WARM_UP_S
-    (sync / "go").write_text(json.dumps({"loops": loops, "start": start, "seconds": seconds}))
+    start = time.time() + WARM_UP_S
+    (sync / "go").write_text(json.dumps({"start": start, "seconds": seconds}))
     stats = psycopg2.connect(
         host="127.0.0.1", port=cluster.port, user=SERVER_USER, password=PASSWORD, dbname=db_name
     )

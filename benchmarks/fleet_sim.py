@@ -51,6 +51,9 @@ _NO_PID = 2**22 + 1
 # Workers set up at once: their storage and SQS round trips overlap (a fleet boots in parallel).
 _STARTING_AT_ONCE = 8
 _STOP_WAIT_S = 15.0  # for the workers to close, once the window is over
+_FIRST_BEATS_S = 600.0
+_ORDER_WAIT_S = 900.0
+ABORT = "abort"  # written by the parent instead of an order: another sim process failed
 
 
 class Counts:
@@ -204,13 +207,17 @@ async def set_up(run_id: str, queues: SyncQueues, scratch: Path) -> Busy:
     return Busy(worker, held, receiver)
 
 
-async def wait_for_file(path: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
+async def order(path: Path) -> str:
+    """What the parent wrote to ``path`` once every sim process got this far."""
+    deadline = time.monotonic() + _ORDER_WAIT_S
     while not path.exists():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} did not appear in {timeout:.0f}s")
+            raise TimeoutError(f"{path} did not appear in {_ORDER_WAIT_S:.0f}s")
         await asyncio.sleep(0.2)
-    return path.read_text()
+    text = path.read_text()
+    if text == ABORT:
+        raise RuntimeError("another fleet sim process failed: no window")
+    return text
 
 
 async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
@@ -231,14 +238,21 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
 
         await asyncio.gather(*(one(run_id) for run_id in run_ids))
         setup_s = time.monotonic() - started
-        (sync / f"ready-{name}").write_text("")
-        go = json.loads(await wait_for_file(sync / "go", 900))
-        if go.get("abort"):
-            raise RuntimeError("another fleet sim process failed: no window")
-        await asyncio.sleep(max(0.0, go["loops"] - time.time()))
+        (sync / f"set-up-{name}").write_text("")
+        loops_at = float(await order(sync / "loops"))
+        await asyncio.sleep(max(0.0, loops_at - time.time()))
+        since = time.monotonic()
         for busy in fleet:
             spread = busy.worker.settings.heartbeat_timeout_seconds / 6  # one beat interval
             tasks += busy.loops(random.uniform(0, spread))
+        # Ready once each worker beat (its first beat makes its heartbeat instance): the window
+        # measures a fleet at work, not one still starting.
+        while any(busy.worker.last_beat <= since for busy in fleet):
+            if time.monotonic() - since > _FIRST_BEATS_S:
+                raise TimeoutError(f"not every worker beat within {_FIRST_BEATS_S:.0f}s")
+            await asyncio.sleep(0.5)
+        (sync / f"ready-{name}").write_text("")
+        go = json.loads(await order(sync / "go"))
         start, end = go["start"], go["start"] + go["seconds"]
         await asyncio.sleep(max(0.0, start - time.time()))
         first = COUNTS.snapshot()
@@ -287,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fleet_sim", description=__doc__)
     parser.add_argument("home", type=Path, help="DAGSTER_HOME of the deployment")
     parser.add_argument("runs", type=Path, help="file of STARTED run ids, one per worker")
-    parser.add_argument("sync", type=Path, help="folder: ready-NAME written, go read")
+    parser.add_argument(
+        "sync", type=Path, help="folder: set-up-NAME, ready-NAME written; loops, go read"
+    )
     parser.add_argument("--name", default=str(os.getpid()))
     args = parser.parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # where a stuck sim is: kill -USR1, see its stderr

@@ -1,15 +1,18 @@
 """Many busy workers in one process: ``python -m benchmarks.fleet_sim HOME RUNS SYNC`` prints JSON.
 
 Each simulated worker is the package's real ``Worker`` (whichever version is first on the path,
-see ``baseline.run_with``), built as ``cli worker`` builds it (``load_worker_instance``, so its
-own instance and connections), holding one STARTED run through its real ``_run_child`` with a
-stand-in child process, and running its real loops: the main-queue receiver, the poll, the
-heartbeat, the cancel and hint loops. So its storage and SQS calls are the worker's own, at the
-worker's rates. Only names 94b9a24 has too are used, so both versions run this same file.
+see ``baseline.run_with``), built as ``cli worker`` and ``process.serve`` build it (its own
+instance, so its own connections, pooled where the version pools them; its hint queue), holding
+one STARTED run through its real ``_run_child`` with a stand-in child process, and running its
+real loops: the main-queue receiver, the poll, the heartbeat, the cancel and hint loops. So its
+storage and SQS calls are the worker's own, at the worker's rates. Only names 94b9a24 has too
+are used, so both versions run this same file.
 
-Counting, within the window the parent announces (``SYNC/go``) once every process is ready:
-storage calls (each call a worker's storage threads run, and its time on the thread), SQL
-statements (SQLAlchemy's cursor events) and SQS requests (a botocore event hook).
+The parent orders the stages through files in SYNC: every process sets its workers up, then all
+start their loops together (``loops``), then the window (``go``) opens once every worker has
+beaten. Counted over the window: storage calls (each call a worker's storage threads run, and
+its time on the thread), SQL statements (SQLAlchemy's cursor events) and SQS requests (a
+botocore event hook).
 """
 
 from __future__ import annotations

@@ -261,6 +261,8 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
         first = COUNTS.snapshot()
         await asyncio.sleep(max(0.0, end - time.time()))
         last = COUNTS.snapshot()
+        with COUNTS.lock:
+            problems = COUNTS.problems.most_common(5)
         dead = [repr(t.exception()) for t in tasks if t.done() and not t.cancelled()]
     finally:
         for task in tasks:
@@ -274,7 +276,6 @@ async def simulate(run_ids: list[str], sync: Path, name: str) -> dict[str, Any]:
             await asyncio.wait_for(stopping, _STOP_WAIT_S)
     with COUNTS.lock:
         poll_ms = [ms for at, ms in COUNTS.poll_ms if start <= at <= end]
-        problems = COUNTS.problems.most_common(5)
     return {
         "workers": len(run_ids),
         "seconds": go["seconds"],

@@ -178,8 +178,8 @@ def serving_instance() -> Any:
     connections where the version has them (issue 27), Dagster's own engines in 94b9a24."""
     instance = load_worker_instance()
     try:
-        from dagster_taskiq_cancel.worker.pooled import pool_connections  # type: ignore
-    except ImportError:
+        from dagster_taskiq_cancel.storage_pool import pool_connections  # type: ignore
+    except ImportError:  # 94b9a24: no pool
         return instance
     return pool_connections(instance)
 

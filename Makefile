@@ -53,7 +53,8 @@ dev: $(DEV_STAMP)
 
 # Figures beside the peers' (not part of `make test`): prints a table, writes
 # benchmarks/results/latest.json. `python -m benchmarks --help` for --size long, --sqs, --only.
-bench: $(TEST_STAMP)
+# The fleet scenario always runs on a private Postgres cluster.
+bench: $(TEST_STAMP) postgres
 	$(BIN)/python -m benchmarks
 
 # Everything but the demo's config: the venv, the demo's runs, test output.

@@ -13,6 +13,7 @@ from benchmarks import (
     bulk_cancel,
     cancel_latency,
     dispatch,
+    fleet,
     idle_cost,
     pg_connections,
     scaling,
@@ -32,6 +33,7 @@ SCENARIOS: dict[str, Scenario] = {
     "header": ui_header.run,
     "default": beside_default.run,
     "pgconn": pg_connections.run,
+    "fleet": fleet.run,
 }
 
 

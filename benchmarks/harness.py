@@ -41,11 +41,15 @@ class Size:
     poll_cost_repeats: int
     bulk_runs: int
     default_pairs: int  # same job under DefaultRunLauncher and ours, back to back
+    # Simulated busy workers. 100 of 94b9a24's already need more than 2 cores (its per-worker
+    # rates fall, and the row's note counts the workers' warnings); long adds 300.
+    fleet_workers: tuple[int, ...]
+    fleet_window_s: float  # each fleet size is measured over this window, per version
 
 
 SIZES = {
-    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10),
-    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30),
+    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10, (10, 100), 20.0),
+    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30, (10, 100, 300), 60.0),
 }
 
 

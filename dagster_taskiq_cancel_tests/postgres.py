@@ -63,7 +63,8 @@ class PostgresCluster:
 
     def __init__(self, durable: bool = False, settings: Mapping[str, str] | None = None) -> None:
         """``durable`` keeps Postgres's commit-to-disk defaults (benchmarks); tests skip them.
-        ``settings`` are more server settings (``log_connections``: ``connections_opened``)."""
+        ``settings`` are more server settings (``log_connections``: ``connections_opened``; the
+        fleet benchmark's ``max_connections``)."""
         self.durable = durable
         self.settings = dict(settings or {})
         self.root = Path(tempfile.gettempdir())  # set by start()

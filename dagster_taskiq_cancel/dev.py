@@ -47,6 +47,8 @@ DEV_MODULES = ("dagster_webserver", "dagster_graphql", "moto", "flask", "flask_c
 
 # Dagster's warning at every `dagster dev` that `dg dev` supersedes it: `dg` needs a dg project.
 SUPERSEDED = "ignore:Function `dev_command` is superseded"
+# The demo's second worker pool: example_project's gpu-tagged asset runs on its worker alone.
+DEMO_POOL = "gpu"
 
 
 def command(proc: subprocess.Popen[bytes]) -> str:
@@ -286,9 +288,10 @@ class DevStack:
             chosen["metrics_port"] = str(free_port())
         self.env.update({TaskiqCancelSettings.env_var(k): v for k, v in chosen.items()})
         settings = build_settings({**checked.model_dump(), **chosen})
-        SyncQueues(settings).create_all()
+        SyncQueues(settings.model_copy(update={"serve_queues": DEMO_POOL})).create_all()
         if self.workers:
             self.processes.append(self.start_workers(self.workers))
+            self.processes.append(self.start_workers(1, DEMO_POOL))
         args = ["-m", "dagster", "dev", "-h", "127.0.0.1", "-p", str(self.ui_port)]
         dagster = subprocess.Popen(
             [sys.executable, "-W", SUPERSEDED, *args, "--log-level", self.log_level],
@@ -309,7 +312,8 @@ class DevStack:
         return (
             f"\nDagster UI: {self.ui_url}\n"
             f"Config: {self.config}\n"
-            f"SQS: {endpoint or 'AWS'}, {self.workers} worker process(es); "
+            f"SQS: {endpoint or 'AWS'}, {self.workers} worker process(es) on the main queue "
+            f"and 1 on the {DEMO_POOL} pool's; "
             "`dagster-taskiq-cancel` commands run in this folder reach this demo.\n"
             "Press Ctrl-C to stop everything.\n"
         )
@@ -328,11 +332,16 @@ class DevStack:
             if value is not None
         }
 
-    def start_workers(self, count: int) -> subprocess.Popen[bytes]:
-        """Worker processes sharing the stack's instance and queues."""
+    def start_workers(self, count: int, pool: str | None = None) -> subprocess.Popen[bytes]:
+        """Worker processes sharing the stack's instance and queues; ``pool``'s alone, with a
+        health port of their own (``health`` asks the main queue's)."""
+        args = ["worker", "--workers", str(count), *(["--queue", pool] if pool else [])]
+        env = dict(self.env)
+        if pool:
+            env[TaskiqCancelSettings.env_var("metrics_port")] = str(free_port())
         return subprocess.Popen(
-            [sys.executable, "-m", "dagster_taskiq_cancel", "worker", "--workers", str(count)],
-            env=self.env,
+            [sys.executable, "-m", "dagster_taskiq_cancel", *args],
+            env=env,
             cwd=self.root,
             start_new_session=True,  # only `dev` gets a terminal's Ctrl-C; it stops us in order
         )

@@ -113,21 +113,29 @@ def test_make_dev_in_a_clean_environment_runs_a_job_and_ctrl_c_is_quiet(
         wait_for(up, 180, "the UI to answer /server_info", interval=0.5)
         launcher = graphql(url, "{ instance { runLauncher { name } } }")
         assert launcher["instance"]["runLauncher"]["name"] == "TaskiqRunLauncher"
-        job = {
-            "repositoryLocationName": "example_project",
-            "repositoryName": "__repository__",
-            "jobName": "quick_job",
-        }
-        launched = graphql(url, LAUNCH, p={"selector": job, "runConfigData": {}})["launchRun"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        run_id = launched["run"]["runId"]
 
-        def finished() -> str | None:
-            seen.update(descendants(dev.pid))
-            status = graphql(url, STATUS, id=run_id)["runOrError"]["status"]
-            return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+        def run_job(name: str) -> str:
+            """Launch the example project's job ``name`` as the UI does; its run id once it
+            succeeded."""
+            job = {
+                "repositoryLocationName": "example_project",
+                "repositoryName": "__repository__",
+                "jobName": name,
+            }
+            launched = graphql(url, LAUNCH, p={"selector": job, "runConfigData": {}})
+            assert launched["launchRun"]["__typename"] == "LaunchRunSuccess", launched
+            run_id = launched["launchRun"]["run"]["runId"]
 
-        assert wait_for(finished, 120, f"run {run_id} finished", interval=0.5) == "SUCCESS"
+            def finished() -> str | None:
+                seen.update(descendants(dev.pid))
+                status = graphql(url, STATUS, id=run_id)["runOrError"]["status"]
+                return status if status in ("SUCCESS", "FAILURE", "CANCELED") else None
+
+            assert wait_for(finished, 120, f"run {run_id} finished", interval=0.5) == "SUCCESS"
+            return run_id
+
+        run_id = run_job("quick_job")
+        run_job("gpu_job")  # its embeddings step only the demo's gpu worker takes
         seen.update(descendants(dev.pid))
         # No options, no DAGSTER_HOME: a command run where the demo runs reaches it.
         env = {**clean_env(tmp_path / "home"), **sqs_env}

@@ -17,6 +17,7 @@ from benchmarks import (
     scaling,
     ui_header,
     ui_terminate,
+    wide,
 )
 from benchmarks.harness import SIZES, Scenario, run_all
 from dagster_taskiq_cancel.local_sqs import SERVERS
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bulk": bulk_cancel.run,
     "header": ui_header.run,
     "default": beside_default.run,
+    "wide": wide.run,
 }
 
 

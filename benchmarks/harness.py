@@ -41,11 +41,12 @@ class Size:
     poll_cost_repeats: int
     bulk_runs: int
     default_pairs: int  # same job under DefaultRunLauncher and ours, back to back
+    wide_steps: int  # mapped steps of the one run whose admissions are timed
 
 
 SIZES = {
-    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10),
-    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30),
+    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10, 300),
+    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30, 1000),
 }
 
 

@@ -20,11 +20,11 @@ from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
 
 from benchmarks.wide_run import FAN, WideRun
-from dagster_taskiq_cancel import claims
+from dagster_taskiq_cancel import claims, hints
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import step_task_id
+from dagster_taskiq_cancel.tasks import CLAIM_TAG, step_holder_tag, step_task_id
 from dagster_taskiq_cancel.worker.admission import Admitted, Gate
 from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY
@@ -146,6 +146,24 @@ def test_admission_runs_the_same_statements_at_step_5_and_step_25_and_reads_no_e
     first, last = counted[5], counted[STEPS - 5]
     assert len(first) == len(last), (first, last)
     assert not [s for s in last if "event_logs" in s], last
+    assert not [s for s in last if s.startswith("UPDATE runs")], last  # its tag is there
+
+
+def test_a_runs_tags_name_each_step_holder_once_however_many_steps_it_holds(
+    wide: WideRun, tmp_path: Path
+) -> None:
+    """Dagster reads and rewrites a run's tags whole: one tag per step would make every
+    admission (and every poll) of a wide run cost more with each step."""
+    run_id = wide.run.run_id
+    for index in range(6):
+        gate = Gate(wide.instance, f"worker-{index % 2}", tmp_path)
+        task_id = wide.launch(index)
+        assert isinstance(gate.admit(task_id, run_id, f"part[{index}]", 0, False), Admitted)
+    run = wide.instance.get_run_by_id(run_id)
+    assert run is not None
+    shown = [tag for tag in run.tags if tag.startswith(CLAIM_TAG)]
+    assert sorted(shown) == [step_holder_tag(run_id, f"worker-{i}") for i in range(2)]
+    assert hints.holders(run, None) == {"worker-0", "worker-1"}
 
 
 def test_a_step_nobody_launched_as_this_task_is_refused(wide: WideRun, tmp_path: Path) -> None:

@@ -28,7 +28,12 @@ from dagster._serdes import serialize_value
 from dagster_taskiq_cancel import claims, metrics
 from dagster_taskiq_cancel.claims import Launch
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV
-from dagster_taskiq_cancel.tasks import TASK_ID_TAG, WORKER_ID_TAG, claim_tag, step_task_id
+from dagster_taskiq_cancel.tasks import (
+    TASK_ID_TAG,
+    WORKER_ID_TAG,
+    step_holder_tag,
+    step_task_id,
+)
 from dagster_taskiq_cancel.worker import children, keys
 from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, has_ended, is_cancelled
 from dagster_taskiq_cancel.worker.step_args import step_args
@@ -163,9 +168,13 @@ class Gate:
 
     def _show(self, run: DagsterRun, task_id: str, step_key: str | None) -> None:
         """Tags for people (the UI) and for cancel hints; nothing decides on them, and
-        concurrent writers may lose some, so a failure to write them only warns."""
+        concurrent writers may lose some, so a failure to write them only warns. A worker's step
+        holder tag is written once per run: its next step of the run restores it if lost."""
         if step_key is not None:
-            tags = {claim_tag(run.run_id, task_id): f"{self.worker_id}/{uuid.uuid4().hex}"}
+            tag = step_holder_tag(run.run_id, self.worker_id)
+            if tag in run.tags:
+                return
+            tags = {tag: f"{self.worker_id}/{uuid.uuid4().hex}"}
         else:
             tags = {TASK_ID_TAG: task_id, WORKER_ID_TAG: self.worker_id}
         try:

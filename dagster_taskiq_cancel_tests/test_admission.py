@@ -15,6 +15,7 @@ import sqlalchemy as db
 import yaml
 from dagster import DagsterInstance
 from dagster._core.execution.plan.outputs import StepOutputHandle
+from dagster._core.execution.plan.state import PastExecutionState
 from dagster._core.storage.runs.schema import KeyValueStoreTable
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value
@@ -91,12 +92,19 @@ def _child_args(admitted: Admitted) -> ExecuteStepArgs:
 def test_a_launched_step_starts_from_the_state_its_executor_gave_it(
     wide_any: WideRun, tmp_path: Path
 ) -> None:
-    """Its inputs' outputs, its retry count and the run's dynamic mappings; none of the run's
-    other outputs, which the executor's state lists but the step never reads."""
+    """Its inputs' outputs, its retry count, the run's dynamic mappings and parent runs; none
+    of the other outputs the executor's state lists (they grow with the run), which the step
+    never reads."""
     wide = wide_any
     for index in range(3):
         wide.launch(index)
         _finish(wide, index)
+    read = StepOutputHandle(FAN, "result", "7")
+    unread = StepOutputHandle("part[3]", "result", None)
+    grandparent = PastExecutionState("grandparent", {read, unread}, None)
+    wide.state = wide.state._replace(
+        parent_state=PastExecutionState("parent", {unread}, grandparent)
+    )
     task_id = wide.launch(7, attempt=1)
     gate = Gate(wide.instance, "w", tmp_path)
     admitted = gate.admit(task_id, wide.run.run_id, "part[7]", 1, False)
@@ -106,9 +114,13 @@ def test_a_launched_step_starts_from_the_state_its_executor_gave_it(
     assert args.should_verify_step
     state = args.known_state
     assert state is not None
-    assert state.ready_outputs == {StepOutputHandle(FAN, "result", "7")}
+    assert state.ready_outputs == {read}
     assert state.previous_retry_attempts == {"part[7]": 1}
     assert state.dynamic_mappings == {FAN: {"result": [str(i) for i in range(STEPS)]}}
+    # A re-execution's parent runs: each still named, each listing only what the step reads.
+    assert state.parent_state == PastExecutionState(
+        "parent", set(), PastExecutionState("grandparent", {read}, None)
+    )
 
 
 class Statements:

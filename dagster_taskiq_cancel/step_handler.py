@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dagster._core.events import DagsterEvent
 from dagster._core.execution.plan.outputs import StepOutputHandle
 from dagster._core.execution.plan.state import KnownExecutionState, PastExecutionState
+from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.executor.step_delegating import (
     CheckStepHealthResult,
     StepHandler,
@@ -53,7 +54,7 @@ def _past_for(
     return PastExecutionState(past.run_id, past.produced_outputs & inputs, parent)
 
 
-def _state_for_step(context: StepHandlerContext, step_key: str, attempt: int) -> str:
+def _state_for_step(context: StepHandlerContext, step: ExecutionStep, attempt: int) -> str:
     """The executor's known state as this one step needs it, serialized for its launch record.
 
     The executor's state lists every output the run (and each parent run) produced so far, so
@@ -63,14 +64,13 @@ def _state_for_step(context: StepHandlerContext, step_key: str, attempt: int) ->
     Dagster's step process resolves its plan from them.
     """
     known = context.execute_step_args.known_state or KnownExecutionState()
-    step = context.get_step_context(step_key).step
     inputs = frozenset(
         handle
         for step_input in step.step_inputs
         for handle in step_input.get_step_output_handle_dependencies()
     )
     state = KnownExecutionState(
-        previous_retry_attempts={step_key: attempt},
+        previous_retry_attempts={step.key: attempt},
         dynamic_mappings=known.dynamic_mappings,
         step_output_versions=known.step_output_versions,
         ready_outputs=known.ready_outputs & inputs,
@@ -111,12 +111,13 @@ class TaskiqStepHandler(StepHandler):
         attempt = _attempt(step_handler_context, step_key)
         message = step_task_message(run_id, step_key, attempt, self.codec)
         queue = self.queues.names.main
+        step_context = step_handler_context.get_step_context(step_key)
         event = DagsterEvent.step_worker_starting(
-            step_handler_context.get_step_context(step_key),
+            step_context,
             message=f"Sending step {step_key} to SQS queue {queue} as task {message.task_id}.",
             metadata={"queue": queue, "task_id": message.task_id},
         )
-        state = _state_for_step(step_handler_context, step_key, attempt)
+        state = _state_for_step(step_handler_context, step_context.step, attempt)
         claims.record_launch(step_handler_context.instance, message.task_id, state)
         self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
         self._sent[message.task_id] = time.time()

@@ -19,6 +19,7 @@ from benchmarks import (
     scaling,
     ui_header,
     ui_terminate,
+    wide,
 )
 from benchmarks.harness import SIZES, Scenario, run_all
 from dagster_taskiq_cancel.local_sqs import SERVERS
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, Scenario] = {
     "default": beside_default.run,
     "pgconn": pg_connections.run,
     "fleet": fleet.run,
+    "wide": wide.run,
 }
 
 

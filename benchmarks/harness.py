@@ -45,11 +45,14 @@ class Size:
     # rates fall, and the row's note counts the workers' warnings); long adds 300.
     fleet_workers: tuple[int, ...]
     fleet_window_s: float  # each fleet size is measured over this window, per version
+    wide_steps: int  # mapped steps of the one run whose admissions are timed
 
 
 SIZES = {
-    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10, (10, 100), 20.0),
-    "long": Size(100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30, (10, 100, 300), 60.0),
+    "short": Size(20, 20, 3, 60.0, 50, (1, 4), 6, 30, 250, 10, (10, 100), 20.0, 300),
+    "long": Size(
+        100, 20, 10, 300.0, 500, (1, 2, 4, 8), 24, 200, 1000, 30, (10, 100, 300), 60.0, 1000
+    ),
 }
 
 

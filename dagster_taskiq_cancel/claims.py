@@ -13,7 +13,10 @@ Every key is specific to one launch: task ids already are (run id, ``{run_id}-re
 - ``claim/{digest}``: the task's claim, ``{"task_id", "worker_id", "at"}`` (written once);
 - ``released/{digest}``: the worker that stopped the task's process for another worker to
   resume its run (fencing, scale-in);
-- ``sent/{run_id}``: the task the launcher last sent for the run, ``{"task_id", "at", "queue"}``.
+- ``sent/{run_id}``: the task the launcher last sent for the run, ``{"task_id", "at", "queue"}``;
+- ``launched/{digest}``: a step task its run's executor sent, ``{"task_id", "known_state",
+  "queue"}`` (Dagster's serialized ``KnownExecutionState`` for that step): one row read admits a
+  step, however many steps its run has.
 
 ``{digest}`` is a hash of the task id, so that keys stay short and distinct within the first 64
 characters (MySQL's unique index covers no more).
@@ -37,6 +40,7 @@ from dagster_taskiq_cancel.tasks import TAG_PREFIX
 _CLAIM = f"{TAG_PREFIX}claim/"
 _RELEASED = f"{TAG_PREFIX}released/"
 _SENT = f"{TAG_PREFIX}sent/"
+_LAUNCHED = f"{TAG_PREFIX}launched/"
 
 
 class UnsupportedRunStorage(ValueError):
@@ -50,6 +54,15 @@ class Claim:
     task_id: str
     worker_id: str
     at: float
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A step task as its run's executor sent it: the state the step starts from, serialized."""
+
+    task_id: str
+    known_state: str
+    queue: str | None  # None: recorded without one (sent to the main queue)
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,10 @@ def released_key(task_id: str) -> str:
 
 def sent_key(run_id: str) -> str:
     return _SENT + run_id
+
+
+def launched_key(task_id: str) -> str:
+    return _LAUNCHED + _digest(task_id)
 
 
 def sql_storage(instance: DagsterInstance) -> SqlRunStorage:
@@ -143,6 +160,26 @@ def sent(instance: DagsterInstance, run_ids: Collection[str]) -> dict[str, Sent]
 
 def sent_of(instance: DagsterInstance, run_id: str) -> Sent | None:
     return sent(instance, [run_id]).get(run_id)
+
+
+def record_launch(
+    instance: DagsterInstance, task_id: str, known_state: str, queue: str | None = None
+) -> None:
+    """The executor's record that it sends step task ``task_id``, written before the send.
+
+    Written again when a resumed run process sends the same attempt anew: the latest state
+    is the one to start from.
+    """
+    value = json.dumps({"task_id": task_id, "known_state": known_state, "queue": queue})
+    sql_storage(instance).set_cursor_values({launched_key(task_id): value})
+
+
+def launch_of(instance: DagsterInstance, task_id: str) -> Launch | None:
+    """The launch record of step task ``task_id``, if its executor sent it (one row)."""
+    value = _read(instance, {launched_key(task_id): task_id}).get(task_id)
+    if value is None or value.get("task_id") != task_id:
+        return None
+    return Launch(task_id, str(value["known_state"]), _text(value.get("queue")))
 
 
 def release(instance: DagsterInstance, task_id: str, worker_id: str) -> None:

@@ -12,11 +12,15 @@ from collections.abc import Iterator, Mapping
 
 from dagster import DagsterRun
 from dagster._core.events import DagsterEvent
+from dagster._core.execution.plan.outputs import StepOutputHandle
+from dagster._core.execution.plan.state import KnownExecutionState, PastExecutionState
+from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.executor.step_delegating import (
     CheckStepHealthResult,
     StepHandler,
     StepHandlerContext,
 )
+from dagster._serdes import serialize_value
 
 from dagster_taskiq_cancel import claims, heartbeats, hints
 from dagster_taskiq_cancel.messages import CancelRequest, codec_for
@@ -42,6 +46,41 @@ def _attempt(context: StepHandlerContext, step_key: str) -> int:
     return known_state.get_retry_state().get_attempt_count(step_key) if known_state else 0
 
 
+def _past_for(
+    past: PastExecutionState | None, inputs: frozenset[StepOutputHandle]
+) -> PastExecutionState | None:
+    """The parent runs' chain, each listing only those of its outputs the step reads."""
+    if past is None:
+        return None
+    parent = _past_for(past.get_parent_state(), inputs)
+    return PastExecutionState(past.run_id, past.produced_outputs & inputs, parent)
+
+
+def _state_for_step(context: StepHandlerContext, step: ExecutionStep, attempt: int) -> str:
+    """The executor's known state as this one step needs it, serialized for its launch record.
+
+    The executor's state lists every output the run (and each parent run) produced so far, so
+    it grows with the run; a step reads only its own inputs' (``ready_outputs``, each parent's
+    ``produced_outputs``) and its own retry count, so the record keeps just those, and its size
+    stays the same at the run's first step and its thousandth. Dynamic mappings are kept whole:
+    Dagster's step process resolves its plan from them.
+    """
+    known = context.execute_step_args.known_state or KnownExecutionState()
+    inputs = frozenset(
+        handle
+        for step_input in step.step_inputs
+        for handle in step_input.get_step_output_handle_dependencies()
+    )
+    state = KnownExecutionState(
+        previous_retry_attempts={step.key: attempt},
+        dynamic_mappings=known.dynamic_mappings,
+        step_output_versions=known.step_output_versions,
+        ready_outputs=known.ready_outputs & inputs,
+        parent_state=_past_for(known.parent_state, inputs),
+    )
+    return serialize_value(state)
+
+
 class TaskiqStepHandler(StepHandler):
     """Sends steps to the workers and asks them to check a run at once on terminate.
 
@@ -62,10 +101,13 @@ class TaskiqStepHandler(StepHandler):
         return "TaskiqStepHandler"
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        """Record the launch in the run's event log, then send the task that names it.
+        """Record the launch in the run's event log (for people) and in the run storage's
+        key-value table (``claims.record_launch``, for the workers), then send the task that
+        names it.
 
-        The event is written when it is built, before the send: the worker runs a step only
-        when this event names its task, so a task that nobody launched never runs.
+        Both are written before the send: a worker runs a step only when its launch record
+        names the task, so a task that nobody launched never runs, and the record holds the
+        state the step starts from, so that admitting it reads one row however large the run.
         """
         step_key = _step_key(step_handler_context)
         run_id = step_handler_context.execute_step_args.run_id
@@ -78,6 +120,8 @@ class TaskiqStepHandler(StepHandler):
             message=f"Sending step {step_key} to SQS queue {queue} as task {message.task_id}.",
             metadata={"queue": queue, "task_id": message.task_id},
         )
+        state = _state_for_step(step_handler_context, step_context.step, attempt)
+        claims.record_launch(step_handler_context.instance, message.task_id, state, queue)
         self.queues.send(queue, message.body, group_id=message.task_id, dedup_id=message.task_id)
         self._sent[message.task_id] = time.time()
         self._queues[message.task_id] = queue

@@ -75,9 +75,11 @@ def resume_task_id(run_id: str, attempt: int) -> str:
     return f"{run_id}-resume-{attempt}"
 
 
-def claim_tag(run_id: str, task_id: str) -> str:
-    """The tag a worker writes, for people and cancel hints, when it claims a step task."""
-    return CLAIM_TAG if task_id == run_id else f"{CLAIM_TAG}/{task_id}"
+def step_holder_tag(run_id: str, worker_id: str) -> str:
+    """The tag a worker writes, for people and cancel hints, when it claims a step of the run:
+    one per worker, not per step, so that a run's tags (read and rewritten whole by Dagster)
+    stay as few as the workers that held its steps, however many steps it has."""
+    return f"{CLAIM_TAG}/{run_id}:steps:{worker_id}"
 
 
 def resume_task_message(run_id: str, attempt: int, codec: Codec | None = None) -> TaskMessage:

@@ -3,7 +3,8 @@
 A task names ids only, and its sender may be anyone who can write to the queue. A run task runs
 only if the launcher sent it last (``claims.sent``, never a tag), to the queue it came from, and
 the run can start; a step task only if its run's executor recorded launching this very task to
-that queue. Every argument of the child
+that queue (``claims.launch_of``: one row, whatever the run's size; a step sent by a run process
+of a release before launch records has none, and is dropped). Every argument of the child
 comes from the run storage and the worker's own instance (``step_args``). Of concurrent copies
 of one task, the claim (``claims``) lets exactly one worker run it.
 
@@ -25,11 +26,17 @@ from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
 from dagster._serdes import serialize_value
 
 from dagster_taskiq_cancel import claims, metrics
+from dagster_taskiq_cancel.claims import Launch
 from dagster_taskiq_cancel.cooperative import CANCEL_FILE_ENV
-from dagster_taskiq_cancel.tasks import TASK_ID_TAG, WORKER_ID_TAG, claim_tag
+from dagster_taskiq_cancel.tasks import (
+    TASK_ID_TAG,
+    WORKER_ID_TAG,
+    step_holder_tag,
+    step_task_id,
+)
 from dagster_taskiq_cancel.worker import children, keys, pool_slots
 from dagster_taskiq_cancel.worker.authority import RUN_STARTABLE, has_ended, is_cancelled
-from dagster_taskiq_cancel.worker.step_args import step_args, was_launched
+from dagster_taskiq_cancel.worker.step_args import step_args
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +85,15 @@ class Gate:
         a pool's work never runs on another pool's workers; the copy sent runs where it went.
         """
         try:
-            decided = self._claim(task_id, run_id, step_key, resume, queue)
+            decided = self._claim(task_id, run_id, step_key, attempt, resume, queue)
         except Exception as exc:
             raise NotClaimed(f"{type(exc).__name__}: {exc}") from exc
-        if not isinstance(decided, DagsterRun):
+        if decided is None or isinstance(decided, DagsterRunStatus):
             return decided
-        run = decided
+        run, launch = decided
         self._show(run, task_id, step_key)
-        if step_key is not None:
-            args = step_args(self.instance, run, step_key, attempt)
+        if launch is not None:
+            args = step_args(self.instance, run, step_key, launch)
             # Dagster's own way to pass them: an env var (the k8s shape), not the command line.
             env = {e["name"]: e["value"] for e in args.get_command_env()}
             return Admitted(run, children.dagster_api_argv("execute_step"), self.child_env(env))
@@ -102,9 +109,16 @@ class Gate:
         return Admitted(run, argv, self.child_env({}, keys.sends_steps(self.instance, run)))
 
     def _claim(
-        self, task_id: str, run_id: str, step_key: str | None, resume: bool, queue: str | None
-    ) -> DagsterRun | DagsterRunStatus | None:
-        """The run, once this worker claimed the task; else what ``admit`` answers."""
+        self,
+        task_id: str,
+        run_id: str,
+        step_key: str | None,
+        attempt: int,
+        resume: bool,
+        queue: str | None,
+    ) -> tuple[DagsterRun, Launch | None] | DagsterRunStatus | None:
+        """The run (and a step task's launch record), once this worker claimed the task; else
+        what ``admit`` answers."""
         run = self.instance.get_run_by_id(run_id)
         if run is None:
             logger.warning("Dropping task %s: run %s does not exist", task_id, run_id)
@@ -120,9 +134,12 @@ class Gate:
             )
             return None
         if step_key is not None:
-            if run.status != DagsterRunStatus.STARTED or not was_launched(
-                self.instance, run_id, step_key, task_id, queue
+            launch = None
+            if run.status == DagsterRunStatus.STARTED and task_id == step_task_id(
+                run_id, step_key, attempt
             ):
+                launch = claims.launch_of(self.instance, task_id)
+            if launch is None:
                 logger.warning(
                     "Dropping task %s: run %s (%s) has no record of launching it",
                     task_id,
@@ -130,10 +147,18 @@ class Gate:
                     run.status.value,
                 )
                 return None
+            if queue is not None and launch.queue not in (None, queue):
+                logger.warning(
+                    "Dropping task %s from queue %s: its step was sent to queue %s",
+                    task_id,
+                    queue,
+                    launch.queue,
+                )
+                return None
             if not self.claim(task_id):
                 logger.info("Dropping task %s: another worker claimed it", task_id)
                 return None
-            return run
+            return run, launch
         sent = claims.sent_of(self.instance, run_id)
         if sent is None or sent.task_id != task_id:
             logger.warning(
@@ -156,7 +181,7 @@ class Gate:
         if run.status not in startable or not self.claim(task_id):
             logger.info("Dropping task %s: run %s already started elsewhere", task_id, run_id)
             return None
-        return run
+        return run, None
 
     def claim(self, task_id: str) -> bool:
         """Claim a task for this worker (``claims.claim``: of concurrent claimers, one wins).
@@ -179,9 +204,13 @@ class Gate:
 
     def _show(self, run: DagsterRun, task_id: str, step_key: str | None) -> None:
         """Tags for people (the UI) and for cancel hints; nothing decides on them, and
-        concurrent writers may lose some, so a failure to write them only warns."""
+        concurrent writers may lose some, so a failure to write them only warns. A worker's step
+        holder tag is written once per run: its next step of the run restores it if lost."""
         if step_key is not None:
-            tags = {claim_tag(run.run_id, task_id): f"{self.worker_id}/{uuid.uuid4().hex}"}
+            tag = step_holder_tag(run.run_id, self.worker_id)
+            if tag in run.tags:
+                return
+            tags = {tag: f"{self.worker_id}/{uuid.uuid4().hex}"}
         else:
             tags = {TASK_ID_TAG: task_id, WORKER_ID_TAG: self.worker_id}
         try:

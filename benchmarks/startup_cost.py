@@ -78,7 +78,7 @@ def leave(worker: Worker, queues: SyncQueues) -> None:
     if TODAY:
         asyncio.run(process.leave(worker, queues))
     else:
-        hints.delete(queues, worker.hint_queue)  # type: ignore[attr-defined]
+        hints.delete(queues, worker.hint_queue)
     worker.close()
 
 

@@ -31,16 +31,18 @@ _KEY = f"{TAG_PREFIX}heartbeat/"
 
 @dataclass(frozen=True)
 class Beat:
-    """A worker's last heartbeat: when (its clock), and the tasks it held then."""
+    """A worker's last heartbeat: when (its clock), the tasks it held then, and the name of
+    its hint queue (for the sweep; empty in rows of earlier versions)."""
 
     at: float
     tasks: frozenset[str]
+    queue: str = ""
 
 
 def beat(instance: DagsterInstance, worker_id: str, last: Beat) -> None:
     """Write the heartbeat; its tasks must be read after its time (``Worker.holding``), so that
     a beat never misses a task claimed before its time."""
-    value = json.dumps({"at": last.at, "tasks": sorted(last.tasks)})
+    value = json.dumps({"at": last.at, "tasks": sorted(last.tasks), "queue": last.queue})
     instance.run_storage.set_cursor_values({_KEY + worker_id: value})
 
 
@@ -52,7 +54,7 @@ def last_beat(instance: DagsterInstance, worker_id: str) -> Beat | None:
 
 def parse(raw: str) -> Beat:
     value = json.loads(raw)
-    return Beat(float(value["at"]), frozenset(value["tasks"]))
+    return Beat(float(value["at"]), frozenset(value["tasks"]), str(value.get("queue", "")))
 
 
 def forget(instance: DagsterInstance, worker_id: str, only_if: str | None = None) -> bool:
@@ -152,6 +154,6 @@ def why_stale(last: Beat | None, timeout_seconds: float) -> str | None:
     seen = (
         f"{age:.0f}s ago"
         if age is not None
-        else "never (no heartbeat row: it exited, or never beat)"
+        else "never (it has no heartbeat row: it exited, or died long ago)"
     )
     return f"last seen {seen} (heartbeat_timeout_seconds={timeout_seconds:g})"

@@ -134,10 +134,9 @@ def listed(queues: SyncQueues) -> list[str]:
         kwargs["NextToken"] = page["NextToken"]
 
 
-def delete_of(queues: SyncQueues, worker_id: str) -> bool:
-    """Delete ``worker_id``'s hint queue (its URL derived: one call); True once it is gone,
-    also when it was gone already."""
-    name = hint_queue_name(queues.names, worker_id)
+def delete(queues: SyncQueues, name: str) -> bool:
+    """Delete the hint queue ``name`` (its URL derived: one call); True once it is gone, also
+    when it was gone already."""
     try:
         queues.call("delete_queue", QueueUrl=hint_url(queues, name))
     except SqsError as exc:

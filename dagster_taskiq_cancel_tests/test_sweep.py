@@ -187,14 +187,25 @@ def test_start_up_costs_the_same_with_200_dead_workers_queues(
 def test_dead_workers_rows_and_queues_go_once_nothing_needs_them(
     instance: DagsterInstance, queues: CountingQueues
 ) -> None:
-    """Dead rows go within one round of one live worker's walk; a dead worker whose beat named
-    an unfinished run stays until that run ends; live workers keep their rows and queues."""
+    """Dead rows go within one round of one live worker's walk, with the hint queue each row
+    names (one of another queue name too); a dead worker whose beat named an unfinished run
+    stays until that run ends; live workers keep their rows and queues."""
     running = make_run(instance)
     finished = make_run(instance)
     instance.report_run_failed(finished)
     dead = leave_dead(instance, queues, 45)
     needed = leave_dead(instance, queues, 2, step_task_id(running.run_id, "sleeper", 0))
     done = leave_dead(instance, queues, 1, f"{finished.run_id}-resume-1")
+    other = CountingQueues(
+        queues.settings.model_copy(update={"queue_name": f"o{uuid.uuid4().hex[:8]}"})
+    )
+    other.create_all()
+    other_dead = "other-host:1:0a1b2c3d"  # served another queue name, on the same run storage
+    other_queue = queue_of(other, other_dead)
+    heartbeats.beat(
+        instance, other_dead, heartbeats.Beat(time.time() - LONG_AGO, frozenset(), other_queue)
+    )
+    hints.create(other, other_dead)
     live = [boot(instance, queues) for _ in range(3)]
     live_ids = {worker.worker_id for worker in live}
     total = len(rows(instance))
@@ -204,6 +215,7 @@ def test_dead_workers_rows_and_queues_go_once_nothing_needs_them(
     assert rows(instance) == live_ids | needed
     assert hint_queues(queues) == {queue_of(queues, w) for w in live_ids | needed}
     assert not dead & rows(instance) and not done & rows(instance)
+    assert other_dead not in rows(instance) and hint_queues(other) == set()
 
     instance.report_run_failed(running)
     sweep_round(instance, queues, [*live[1:], live[0]])  # another walker

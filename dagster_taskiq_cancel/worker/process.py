@@ -55,7 +55,7 @@ async def start_up(worker: Worker, queues: SyncQueues) -> None:
 async def leave(worker: Worker, queues: SyncQueues) -> None:
     """A clean exit leaves nothing behind: the hint queue, then the heartbeat row (only once
     the queue is gone: a row left is what leads the sweep to the queue)."""
-    if await asyncio.to_thread(hints.delete_of, queues, worker.worker_id):
+    if await asyncio.to_thread(hints.delete, queues, worker.hint_queue):
         await worker.forget()
 
 

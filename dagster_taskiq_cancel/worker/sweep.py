@@ -56,12 +56,19 @@ def step(
     needed = _still_needed(instance, dead)
     removed = []
     for worker_id, raw in dead.items():
-        if worker_id in needed or not hints.delete_of(queues, worker_id):
+        if worker_id in needed or not hints.delete(queues, _queue_of(queues, worker_id, raw)):
             continue
         if heartbeats.forget(instance, worker_id, only_if=raw):
             logger.info("Removed the hint queue and heartbeat of dead worker %s", worker_id)
             removed.append(worker_id)
     return (rows[-1][0] if rows else me), removed
+
+
+def _queue_of(queues: SyncQueues, worker_id: str, raw: str) -> str:
+    """The hint queue the row names (workers of other queue names share the run storage); a
+    row of an earlier version names none: this deployment's name for the worker."""
+    beat = _beat(raw)
+    return beat.queue if beat and beat.queue else hints.hint_queue_name(queues.names, worker_id)
 
 
 def _beat(raw: str) -> heartbeats.Beat | None:

@@ -232,7 +232,8 @@ class Worker:
         missing from a beat was claimed after it, or is recorded (or released) already."""
         now = time.time()
         exited = (t for t, h in self.finishing.items() if h.phase == Phase.EXITED)
-        return heartbeats.Beat(now, frozenset({*self._admitting, *self.held, *exited}))
+        tasks = frozenset({*self._admitting, *self.held, *exited})
+        return heartbeats.Beat(now, tasks, self.hint_queue)
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None

@@ -31,6 +31,7 @@ from dagster_taskiq_cancel.tasks import step_task_id
 from dagster_taskiq_cancel.worker import process, sweep
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
+from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, wait_for
 
 TIMEOUT = 0.5  # heartbeat timeout: a beat this old is a dead worker's
@@ -75,6 +76,17 @@ def statements() -> Iterator[Statements]:
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"telemetry": {"enabled": False}}))
+    with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
+        yield dagster_instance
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
+    config: dict[str, Any] = {"telemetry": {"enabled": False}}
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        config.update(storage_config(cluster.database()))
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
     with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
         yield dagster_instance
 
@@ -261,8 +273,7 @@ def test_one_fault_leaves_a_row_for_the_sweep_never_a_queue_without_one(
     instance: DagsterInstance, queues: CountingQueues, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refused queue delete keeps the row (it leads the sweep to the queue); a failed row
-    delete after the queue went is finished by the next visit; a beat written since the sweep
-    read the row keeps it."""
+    delete after the queue went is finished by the next visit."""
     me = boot(instance, queues)
     refused = boot(instance, queues)
     queues.refuse_deletes = True
@@ -292,10 +303,24 @@ def test_one_fault_leaves_a_row_for_the_sweep_never_a_queue_without_one(
     assert rows(instance) == {me.worker_id}
     assert hint_queues(queues) == {queue_of(queues, me.worker_id)}
 
-    stale = heartbeats.Beat(time.time() - LONG_AGO, frozenset())
-    heartbeats.beat(instance, "x", stale)
-    read = dict(heartbeats.rows_after(instance, "w", 1))["x"]
-    heartbeats.beat(instance, "x", heartbeats.Beat(time.time(), frozenset()))  # it beat again
-    assert not heartbeats.forget(instance, "x", only_if=read)
-    assert "x" in rows(instance)
     exit_cleanly(me, queues)
+
+
+def test_the_walk_goes_round_every_row_and_a_fresh_beat_survives_the_delete(
+    any_storage: DagsterInstance,
+) -> None:
+    """Key order after a cursor, going round at the end, on sqlite and Postgres; other kv rows
+    are never read; the row delete is a compare-and-delete."""
+    instance = any_storage
+    instance.run_storage.set_cursor_values({"dagster-taskiq/claim/x": "{}", "other": "1"})
+    ids = [f"h{index:02d}" for index in range(7)]
+    for worker_id in ids:
+        heartbeats.beat(instance, worker_id, heartbeats.Beat(time.time() - LONG_AGO, frozenset()))
+    assert [w for w, _ in heartbeats.rows_after(instance, "h04", 3)] == ["h05", "h06", "h00"]
+    assert [w for w, _ in heartbeats.rows_after(instance, "h01", 10)] == [*ids[2:], "h00", "h01"]
+    read = dict(heartbeats.rows_after(instance, "h02", 1))["h03"]
+    heartbeats.beat(instance, "h03", heartbeats.Beat(time.time(), frozenset()))  # it beat again
+    assert not heartbeats.forget(instance, "h03", only_if=read)
+    assert heartbeats.last_beat(instance, "h03") is not None
+    assert heartbeats.forget(instance, "h03")
+    assert heartbeats.last_beat(instance, "h03") is None

@@ -15,6 +15,7 @@ from benchmarks import (
     dispatch,
     idle_cost,
     scaling,
+    startup_cost,
     ui_header,
     ui_terminate,
 )
@@ -30,6 +31,7 @@ SCENARIOS: dict[str, Scenario] = {
     "bulk": bulk_cancel.run,
     "header": ui_header.run,
     "default": beside_default.run,
+    "startup": startup_cost.run,
 }
 
 

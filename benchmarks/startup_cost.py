@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import sys
 import tempfile
@@ -33,7 +32,11 @@ import yaml
 from dagster import DagsterInstance
 from sqlalchemy.engine import Engine
 
+from benchmarks.baseline import BEFORE_FLEET, run_with
+from benchmarks.harness import Context
+from benchmarks.stats import Row
 from dagster_taskiq_cancel import heartbeats, hints
+from dagster_taskiq_cancel.local_sqs import SERVERS
 from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.worker import process
@@ -168,6 +171,59 @@ def heartbeats_rows(instance: DagsterInstance) -> list[str]:
         return [row[0] for row in conn.execute(query)]
 
 
+def side_by_side(endpoint: str, counts: list[int], boots: int) -> dict[str, Any]:
+    """The figures of main before the fleet work and of today's package, each in its own
+    process (``baseline.run_with``)."""
+    figures = {}
+    own = [*map(str, counts), "--boots", str(boots)]
+    for label, commit in (("before", BEFORE_FLEET), ("today", None)):
+        out = run_with(
+            commit,
+            "benchmarks.startup_cost",
+            "--endpoint",
+            endpoint,
+            "--queues",
+            *own,
+            timeout=3600,
+        )
+        figures[label] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
+def run(ctx: Context) -> list[Row]:
+    """The ``startup`` scenario of ``python -m benchmarks``."""
+    counts, boots = [0, 200, 1000], 1000
+    figures = side_by_side(ctx.endpoint_url, counts, boots)
+    before, today = figures["before"], figures["today"]
+    peer = "main 94b9a24"
+    table = []
+    for count in map(str, counts):
+        old, new = before["startup"][count], today["startup"][count]
+        for what, key in (("SQS calls", "sqs"), ("SQL statements", "storage")):
+            table.append(
+                Row(
+                    "startup",
+                    f"worker start-up {what}, {count} live workers' hint queues",
+                    [new[key]],
+                    peer,
+                    [old[key]],
+                    note=f"first sweep step apart (off the start-up path): "
+                    f"{new['first_sweep_sqs']} SQS, {new['first_sweep_storage']} SQL",
+                )
+            )
+    table.append(
+        Row(
+            "startup",
+            f"heartbeat rows left after {boots} boots (1 in 10 killed, 2 live)",
+            [today["rows"]["after_sweep"]],
+            peer,
+            [before["rows"]["after_sweep"]],
+            note=f"before the live workers' sweep round: {today['rows']['after_boots']}",
+        )
+    )
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.startup_cost")
     parser.add_argument("--queues", type=int, nargs="+", default=[0, 200, 1000])
@@ -177,24 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.endpoint:
         print(json.dumps(measure(args.endpoint, sorted(args.queues), args.boots)))
         return 0
-    from benchmarks.baseline import BEFORE_FLEET, run_with
-    from dagster_taskiq_cancel.local_sqs import SERVERS
-
     server = SERVERS["moto"]().start()
     try:
-        own = [*map(str, args.queues), "--boots", str(args.boots)]
-        figures = collections.OrderedDict()
-        for label, commit in (("before", BEFORE_FLEET), ("today", None)):
-            out = run_with(
-                commit,
-                "benchmarks.startup_cost",
-                "--endpoint",
-                server.endpoint_url,
-                "--queues",
-                *own,
-                timeout=3600,
-            )
-            figures[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        figures = side_by_side(server.endpoint_url, args.queues, args.boots)
     finally:
         server.stop()
     json.dump(figures, sys.stdout, indent=1)

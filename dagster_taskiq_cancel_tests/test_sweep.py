@@ -31,7 +31,6 @@ from dagster_taskiq_cancel.tasks import step_task_id
 from dagster_taskiq_cancel.worker import process, sweep
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, wait_for
 
 TIMEOUT = 0.5  # heartbeat timeout: a beat this old is a dead worker's
@@ -76,17 +75,6 @@ def statements() -> Iterator[Statements]:
 @pytest.fixture
 def instance(tmp_path: Path) -> Iterator[DagsterInstance]:
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"telemetry": {"enabled": False}}))
-    with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
-        yield dagster_instance
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
-    config: dict[str, Any] = {"telemetry": {"enabled": False}}
-    if request.param == "postgres":
-        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-        config.update(storage_config(cluster.database()))
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
     with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
         yield dagster_instance
 

@@ -17,6 +17,7 @@ from benchmarks import (
     idle_cost,
     pg_connections,
     scaling,
+    startup_cost,
     ui_header,
     ui_terminate,
     wide,
@@ -36,6 +37,7 @@ SCENARIOS: dict[str, Scenario] = {
     "pgconn": pg_connections.run,
     "fleet": fleet.run,
     "wide": wide.run,
+    "startup": startup_cost.run,
 }
 
 

@@ -7,8 +7,10 @@ clean shutdown, tagged with the worker id), and ``terminate()`` sends the hint t
 every worker that may hold the run's work (the claimer of its task, each step's claimer) as well
 as to the shared queue. It stays a hint: the holder checks the run storage before stopping anything.
 
-A worker that dies without a clean shutdown leaves its queue behind: the next worker to start
-deletes every hint queue whose worker's heartbeat is stale (``remove_stale``).
+A worker that dies without a clean shutdown leaves its queue behind, with its heartbeat row
+(written before the queue is created): live workers sweep both, a few at a time
+(``worker.sweep``), never by listing the queues, so a worker's start costs the same whatever
+the size of the fleet.
 """
 
 from __future__ import annotations
@@ -16,12 +18,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from dagster import DagsterInstance, DagsterRun
+from dagster import DagsterRun
 
-from dagster_taskiq_cancel.heartbeats import staleness
 from dagster_taskiq_cancel.queues import FIFO_SUFFIX, QueueNames, SqsError, SyncQueues
 from dagster_taskiq_cancel.tasks import CLAIM_TAG
 
@@ -122,10 +122,6 @@ def create(queues: SyncQueues, worker_id: str) -> str:
     return url
 
 
-def delete(queues: SyncQueues, name: str) -> None:
-    queues.call("delete_queue", QueueUrl=queues.url(name))
-
-
 def listed(queues: SyncQueues) -> list[str]:
     """URLs of every hint queue of this deployment."""
     urls: list[str] = []
@@ -138,44 +134,14 @@ def listed(queues: SyncQueues) -> list[str]:
         kwargs["NextToken"] = page["NextToken"]
 
 
-def stale(
-    queues: SyncQueues, instance: DagsterInstance, timeout_seconds: float, urls: Iterable[str]
-) -> dict[str, str]:
-    """URL → why, for hint queues whose worker is dead: heartbeat stale and the queue older
-    than the timeout (a worker starting now has not beaten yet)."""
-    found = {}
-    for url in urls:
-        try:
-            tags = queues.call("list_queue_tags", QueueUrl=url).get("Tags", {})
-            created = queues.call(
-                "get_queue_attributes", QueueUrl=url, AttributeNames=["CreatedTimestamp"]
-            )["Attributes"]["CreatedTimestamp"]
-        except SqsError as exc:  # deleted meanwhile by another worker
-            logger.debug("Skipping hint queue %s: %s", url, exc)
-            continue
-        worker_id = tags.get(WORKER_ID_QUEUE_TAG)
-        if not worker_id or url.rsplit("/", 1)[-1] != hint_queue_name(queues.names, worker_id):
-            continue  # not a hint queue of this deployment (another one's, with a like name)
-        if time.time() - float(created) < timeout_seconds:
-            continue
-        why = staleness(instance, worker_id, timeout_seconds)
-        if why is not None:
-            found[url] = f"worker {worker_id} {why}"
-    return found
-
-
-def remove_stale(
-    queues: SyncQueues, instance: DagsterInstance, timeout_seconds: float, keep: str = ""
-) -> list[str]:
-    """Delete the hint queues of dead workers (never ``keep``); returns their URLs."""
-    urls = [u for u in listed(queues) if u.rsplit("/", 1)[-1] != keep]
-    removed = []
-    for url, why in stale(queues, instance, timeout_seconds, urls).items():
-        try:
-            queues.call("delete_queue", QueueUrl=url)
-        except SqsError as exc:
-            logger.debug("Could not delete hint queue %s: %s", url, exc)
-            continue
-        logger.info("Deleted the hint queue %s of a dead worker: %s", url, why)
-        removed.append(url)
-    return removed
+def delete(queues: SyncQueues, name: str) -> bool:
+    """Delete the hint queue ``name`` (its URL derived: one call); True once it is gone, also
+    when it was gone already."""
+    try:
+        queues.call("delete_queue", QueueUrl=hint_url(queues, name))
+    except SqsError as exc:
+        code = getattr(exc.__cause__, "response", {}).get("Error", {}).get("Code", "")
+        if "NonExistentQueue" not in code and "QueueDoesNotExist" not in code:
+            logger.warning("Could not delete hint queue %s: %s", name, exc)
+            return False
+    return True

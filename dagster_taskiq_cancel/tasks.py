@@ -12,6 +12,7 @@ storage and its own instance. With a signing key, each task also carries a ``mac
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -73,6 +74,15 @@ def run_task_message(run_id: str, codec: Codec | None = None) -> TaskMessage:
 def resume_task_id(run_id: str, attempt: int) -> str:
     """One id per resume attempt: a redelivery of the same attempt is a duplicate."""
     return f"{run_id}-resume-{attempt}"
+
+
+_RESUME_SUFFIX = re.compile(r"-resume-\d+$")
+
+
+def run_id_of(task_id: str) -> str:
+    """The run a task id (run, resume or step task) belongs to; Dagster's run ids hold no
+    colon."""
+    return _RESUME_SUFFIX.sub("", task_id.split(":", 1)[0])
 
 
 def step_holder_tag(run_id: str, worker_id: str) -> str:

@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from dagster import DagsterInstance
 
 from dagster_taskiq_cancel.local_sqs import SERVERS, LocalSqsServer
 from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
@@ -110,3 +112,16 @@ def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
     setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
+    """An instance on sqlite, then on the private Postgres cluster: where storage semantics
+    (unique keys, deletes, key order) matter."""
+    config: dict[str, Any] = {"telemetry": {"enabled": False}}
+    if request.param == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        config.update(storage_config(cluster.database()))
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+    with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
+        yield dagster_instance

@@ -35,22 +35,15 @@ from dagster_taskiq_cancel.worker import children
 from dagster_taskiq_cancel.worker.admission import Admitted, Gate, NotClaimed
 from dagster_taskiq_cancel.worker.worker import Worker
 from dagster_taskiq_cancel_tests.jobs import sleepy_job
-from dagster_taskiq_cancel_tests.postgres import PostgresCluster, storage_config
 from dagster_taskiq_cancel_tests.stack import MOTO_ONLY, Deployment
 
 CLAIMERS = 16
 TIMEOUT = 30.0  # heartbeat_timeout_seconds of these tests
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def instance(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DagsterInstance]:
-    config: dict[str, Any] = {"telemetry": {"enabled": False}}
-    if request.param == "postgres":
-        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-        config.update(storage_config(cluster.database()))
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
-    with DagsterInstance.from_config(str(tmp_path)) as dagster_instance:
-        yield dagster_instance
+@pytest.fixture
+def instance(any_storage: DagsterInstance) -> DagsterInstance:
+    return any_storage
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from dagster import DagsterRun, DagsterRunStatus
 
-from dagster_taskiq_cancel import hints
+from dagster_taskiq_cancel import heartbeats, hints
 from dagster_taskiq_cancel.local_sqs import LocalSqsServer
 from dagster_taskiq_cancel.messages import CancelRequest
 from dagster_taskiq_cancel.queues import QueueNames
@@ -141,40 +141,48 @@ def test_forged_hint_on_a_worker_queue_kills_nothing(slow_poll: Deployment) -> N
 
 
 @MOTO_ONLY
-def test_queue_deleted_at_clean_shutdown(slow_poll: Deployment) -> None:
+def test_queue_and_heartbeat_deleted_at_clean_shutdown(slow_poll: Deployment) -> None:
     proc = slow_poll.start_worker()
-    queue = hints.hint_queue_name(slow_poll.queues.names, worker_id(slow_poll, 0))
+    own_id = worker_id(slow_poll, 0)
+    queue = hints.hint_queue_name(slow_poll.queues.names, own_id)
     assert queue in hint_queue_names(slow_poll)
+    assert heartbeats.last_beat(slow_poll.instance, own_id) is not None
     stop_process(proc)
     assert proc.returncode == 0
     assert queue not in hint_queue_names(slow_poll)
+    assert heartbeats.last_beat(slow_poll.instance, own_id) is None
 
 
 @MOTO_ONLY
 def test_dead_workers_queue_removed_by_the_next_worker(
     tmp_path: Path, sqs_server: LocalSqsServer
 ) -> None:
-    """SIGKILL leaves the queue; once the dead worker's heartbeat is stale, a starting worker
-    deletes it (and keeps its own)."""
+    """SIGKILL leaves the queue and the heartbeat row; once the heartbeat is stale, the next
+    worker's sweep deletes both as it starts serving (and keeps its own)."""
     with Deployment(tmp_path, sqs_server.endpoint_url, heartbeat_timeout_seconds=2) as deployment:
         dead = deployment.start_worker()
         dead_id = worker_id(deployment, 0)
         dead_queue = hints.hint_queue_name(deployment.queues.names, dead_id)
         stop_process(dead, signal.SIGKILL)
         assert dead_queue in hint_queue_names(deployment)
-        dead_url = hints.hint_url(deployment.queues, dead_queue)
         wait_for(
-            lambda: dead_url in hints.stale(deployment.queues, deployment.instance, 2, [dead_url]),
+            lambda: heartbeats.why_stale(heartbeats.last_beat(deployment.instance, dead_id), 2),
             30,
             "dead worker's heartbeat stale",
             interval=0.2,
         )
         deployment.start_worker()
-        live_queue = hints.hint_queue_name(deployment.queues.names, worker_id(deployment, 1))
-        names = hint_queue_names(deployment)
-        assert dead_queue not in names
-        assert live_queue in names
-        assert f"Deleted the hint queue {dead_url} of a dead worker" in deployment.worker_log(1)
+        live_id = worker_id(deployment, 1)
+        wait_for(
+            lambda: f"heartbeat of dead worker {dead_id}" in deployment.worker_log(1),
+            30,
+            "dead worker swept",
+        )
+        assert hint_queue_names(deployment) == {
+            hints.hint_queue_name(deployment.queues.names, live_id)
+        }
+        assert heartbeats.last_beat(deployment.instance, dead_id) is None
+        assert heartbeats.last_beat(deployment.instance, live_id) is not None
 
 
 @pytest.mark.parametrize("main", ["jobs", "jobs.fifo", "x" * 80, "y" * 75 + ".fifo"])

@@ -110,7 +110,7 @@ def test_two_worker_processes_count_runs_and_cancels_on_one_endpoint(
     assert 0 < total(samples, "cancel_latency_seconds_sum") < 30
     assert total(samples, "sqs_errors_total") == total(samples, "storage_errors_total") == 0
     loops = {(s[1]["pid"], s[1]["loop"]) for s in samples if s[0] == P + "loop_up" and s[2] == 1}
-    assert len({pid for pid, _ in loops}) == 2 and len(loops) == 10, loops
+    assert len({pid for pid, _ in loops}) == 2 and len(loops) == 12, loops
     reporting = {s[1]["pid"] for s in samples if "pid" in s[1]}
     assert reporting == {pid for pid, _ in loops}, "only the worker processes, not their tasks"
     run_ids = set(quick + slow)

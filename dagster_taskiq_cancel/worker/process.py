@@ -1,4 +1,4 @@
-"""One worker process's life: start-up checks, the five loops, and a drain on SIGTERM/SIGINT."""
+"""One worker process's life: start-up checks, the six loops, and a drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from taskiq import AcknowledgeType
 from taskiq.receiver import Receiver
 
 from dagster_taskiq_cancel import hints, metrics
-from dagster_taskiq_cancel.queues import SqsError, SyncQueues
+from dagster_taskiq_cancel.queues import SyncQueues
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
 from dagster_taskiq_cancel.storage_pool import close_connections, pool_connections
-from dagster_taskiq_cancel.worker import health, keys
+from dagster_taskiq_cancel.worker import health, keys, sweep
 from dagster_taskiq_cancel.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -33,20 +33,11 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
     queues = SyncQueues(settings)
     try:
         await worker.broker.startup()
-        url = await asyncio.to_thread(hints.create, queues, worker.worker_id)
+        await start_up(worker, queues)
         try:
-            worker.broker.add_queue(worker.hint_queue, url)
-            # Those of dead workers; a refusal (IAM) fails the start, after our own is deleted.
-            await asyncio.to_thread(
-                hints.remove_stale,
-                queues,
-                instance,
-                settings.heartbeat_timeout_seconds,
-                worker.hint_queue,
-            )
-            await _serve(worker)
+            await _serve(worker, queues)
         finally:
-            await asyncio.to_thread(_delete_hint_queue, worker, queues)
+            await leave(worker, queues)
     finally:
         await worker.broker.shutdown()
         worker.close()
@@ -55,19 +46,27 @@ async def serve(settings: TaskiqCancelSettings, instance: DagsterInstance) -> No
             endpoint.close()
 
 
-def _delete_hint_queue(worker: Worker, queues: SyncQueues) -> None:
-    """A failure only leaves the queue for the next starting worker to delete."""
-    try:
-        hints.delete(queues, worker.hint_queue)
-    except SqsError as exc:
-        logger.warning("Could not delete hint queue %s: %s", worker.hint_queue, exc)
+async def start_up(worker: Worker, queues: SyncQueues) -> None:
+    """What a worker does before it serves, the same whatever the size of the fleet: its
+    heartbeat row, then its hint queue, so that every hint queue has a row for the sweep to find
+    it by (``sweep``); dead workers' leftovers are swept later, a few at a time."""
+    await worker.register()
+    url = await asyncio.to_thread(hints.create, queues, worker.worker_id)
+    worker.broker.add_queue(worker.hint_queue, url)
+
+
+async def leave(worker: Worker, queues: SyncQueues) -> None:
+    """A clean exit leaves nothing behind: the hint queue, then the heartbeat row (only once
+    the queue is gone: a row left is what leads the sweep to the queue)."""
+    if await asyncio.to_thread(hints.delete, queues, worker.hint_queue):
+        await worker.forget()
 
 
 class WorkerLoopFailed(RuntimeError):
     """One of the worker's loops ended: the worker stopped its work and exits non-zero."""
 
 
-async def _serve(worker: Worker) -> None:
+async def _serve(worker: Worker, queues: SyncQueues) -> None:
     """Serve until SIGTERM/SIGINT, or until a loop dies.
 
     A dead loop would leave the worker half-deaf (no cancels, no polls or no new work), so it
@@ -98,6 +97,11 @@ async def _serve(worker: Worker) -> None:
         asyncio.create_task(worker.heartbeat_loop()): "heartbeat loop",
         asyncio.create_task(worker.cancel_loop()): "cancel loop",
         asyncio.create_task(worker.hint_loop()): "hint loop",
+        asyncio.create_task(
+            sweep.sweep_loop(
+                worker.instance, queues, worker.worker_id, settings.heartbeat_timeout_seconds
+            )
+        ): "dead-worker sweep",
     }
     metrics.watch_loops(loops)
     logger.info(

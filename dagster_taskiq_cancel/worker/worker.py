@@ -256,7 +256,8 @@ class Worker:
         missing from a beat was claimed after it, or is recorded (or released) already."""
         now = time.time()
         exited = (t for t, h in self.finishing.items() if h.phase == Phase.EXITED)
-        return heartbeats.Beat(now, frozenset({*self._admitting, *self.held, *exited}))
+        tasks = frozenset({*self._admitting, *self.held, *exited})
+        return heartbeats.Beat(now, tasks, self.hint_queue)
 
     def _remember(self, task_id: str) -> None:
         self._recent[task_id] = None
@@ -443,6 +444,22 @@ class Worker:
         self._fence(
             f"it could not write its heartbeat for {silent:.0f}s (the run storage did not answer)"
         )
+
+    async def register(self) -> None:
+        """The first heartbeat, before anything can name this worker (its hint queue, a claim):
+        run monitoring never finds a claim of a live worker without a row."""
+        await asyncio.get_running_loop().run_in_executor(self._beats, self._beat, self.holding())
+
+    async def forget(self) -> None:
+        """Delete the heartbeat row at a clean exit, on the heartbeat thread, so after any beat
+        still in flight. A failure leaves the row to the sweep (``sweep``)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._beats, self._forget)
+        except Exception as exc:
+            logger.warning("Could not delete the heartbeat of worker %s: %r", self.worker_id, exc)
+
+    def _forget(self) -> None:
+        heartbeats.forget(self._beat_instance or self.instance, self.worker_id)
 
     def _beat(self, holding: heartbeats.Beat) -> None:
         """On the heartbeat thread: the beat, through an instance (connections) of its own."""

@@ -10,10 +10,7 @@ from dagster._core.executor.step_delegating import StepDelegatingExecutor
 
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings, config_fields, resolve_settings
 from dagster_taskiq_cancel.step_handler import TaskiqStepHandler
-
-# The executor's name, as Dagster records it in each run's execution plan (a worker reads it
-# there to tell a run process that sends step tasks, and so needs the signing keys).
-EXECUTOR_NAME = "taskiq"
+from dagster_taskiq_cancel.tasks import EXECUTOR_NAME
 
 
 def _config_schema() -> dict[str, dg.Field]:

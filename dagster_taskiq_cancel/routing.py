@@ -16,7 +16,7 @@ from dagster import DagsterInstance, DagsterRun
 
 from dagster_taskiq_cancel.queues import DEFAULT_POOL, QueueNames
 from dagster_taskiq_cancel.settings import TaskiqCancelSettings
-from dagster_taskiq_cancel.tasks import QUEUE_TAG
+from dagster_taskiq_cancel.tasks import EXECUTOR_NAME, QUEUE_TAG
 
 PRIORITY_TAG = "dagster/priority"
 
@@ -38,7 +38,6 @@ def plan_pool(instance: DagsterInstance, run: DagsterRun) -> str | None:
     process: so that a UI materialization of an asset with ``op_tags`` naming `gpu` goes to
     `gpu`. None: no op names one, several name different ones, or the run sends each step to
     its own pool (``taskiq_executor``)."""
-    from dagster_taskiq_cancel.executor import EXECUTOR_NAME  # the executor sends steps here
 
     if run.execution_plan_snapshot_id is None:
         return None

@@ -38,6 +38,10 @@ TASK_LABELS = frozenset({"run_id", "mac"})
 # queue the task came from, which admission compares with where its run storage routed it.
 RECEIVED_FROM = "received_from"
 
+# The executor's name, as Dagster records it in each run's execution plan: a run under it sends
+# its steps as tasks (so its run process needs the signing keys, and routes each step itself).
+EXECUTOR_NAME = "taskiq"
+
 TAG_PREFIX = "dagster-taskiq/"
 TASK_ID_TAG = f"{TAG_PREFIX}task_id"
 QUEUE_TAG = f"{TAG_PREFIX}queue"

@@ -14,13 +14,13 @@ from collections.abc import Mapping
 
 from dagster import DagsterInstance, DagsterRun
 
-from dagster_taskiq_cancel.executor import EXECUTOR_NAME
 from dagster_taskiq_cancel.settings import (
     KEY_ENV_VARS,
     KEY_WITHHELD_ENV,
     SECRET_FIELDS,
     TaskiqCancelSettings,
 )
+from dagster_taskiq_cancel.tasks import EXECUTOR_NAME
 
 logger = logging.getLogger(__name__)
 

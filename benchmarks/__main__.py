@@ -16,6 +16,7 @@ from benchmarks import (
     fleet,
     idle_cost,
     pg_connections,
+    poll_noise,
     scaling,
     startup_cost,
     ui_header,
@@ -38,6 +39,7 @@ SCENARIOS: dict[str, Scenario] = {
     "fleet": fleet.run,
     "wide": wide.run,
     "startup": startup_cost.run,
+    "poll": poll_noise.run,
 }
 
 

@@ -27,6 +27,8 @@ import uuid
 from pathlib import Path
 
 from benchmarks.baseline import BEFORE_FLEET, run_with
+from benchmarks.harness import Context
+from benchmarks.stats import Row
 from benchmarks.storage_calls import counted
 
 HELD = 4  # a busy worker: every slot of the default concurrency taken
@@ -113,27 +115,42 @@ def measure(seconds: float, endpoint_url: str) -> dict[str, float]:
     return figures
 
 
+FIGURES = (
+    ("storage calls per busy worker per second", "storage_calls_per_second"),
+    ("sensor tick holding the daemon, idle [s]", "idle"),
+    (f"sensor tick, {ACKS} acks waiting [s]", "acks"),
+)
+
+
+def side_by_side(seconds: float, endpoint_url: str) -> dict[str, dict[str, float]]:
+    """Main before the fleet work's figures, then today's, each measured by a child."""
+    found = {}
+    for label, commit in ((f"main {BEFORE_FLEET}", BEFORE_FLEET), ("today", None)):
+        args = ("measure", str(seconds), endpoint_url)
+        out = run_with(commit, "benchmarks.poll_noise", *args).stdout
+        found[label] = json.loads(out.strip().splitlines()[-1])
+    return found
+
+
+def run(ctx: Context) -> list[Row]:
+    """The ``poll`` scenario of ``python -m benchmarks``: a 60 s window per version."""
+    before, today = side_by_side(60.0, ctx.endpoint_url).values()
+    peer = f"main {BEFORE_FLEET}"
+    return [Row("poll", name, [today[key]], peer, [before[key]]) for name, key in FIGURES]
+
+
 def main(seconds: float) -> None:
     from dagster_taskiq_cancel.local_sqs import LOCAL_CREDENTIALS, MotoServer
 
     os.environ.update(LOCAL_CREDENTIALS)
     server = MotoServer().start()
     try:
-        found = {}
-        for label, commit in ((f"main {BEFORE_FLEET}", BEFORE_FLEET), ("today", None)):
-            args = ("measure", str(seconds), server.endpoint_url)
-            out = run_with(commit, "benchmarks.poll_noise", *args).stdout
-            found[label] = json.loads(out.strip().splitlines()[-1])
+        found = side_by_side(seconds, server.endpoint_url)
     finally:
         server.stop()
-    rows = [
-        ("storage calls per busy worker per second", "storage_calls_per_second", "{:.2f}"),
-        ("sensor tick, idle [s]", "idle", "{:.2f}"),
-        (f"sensor tick, {ACKS} acks waiting [s]", "acks", "{:.2f}"),
-    ]
     print(f"{'figure':48} " + " ".join(f"{label:>16}" for label in found))
-    for name, key, fmt in rows:
-        print(f"{name:48} " + " ".join(f"{fmt.format(f[key]):>16}" for f in found.values()))
+    for name, key in FIGURES:
+        print(f"{name:48} " + " ".join(f"{f[key]:>16.2f}" for f in found.values()))
 
 
 if __name__ == "__main__":

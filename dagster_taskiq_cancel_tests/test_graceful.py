@@ -20,8 +20,11 @@ pytestmark = MOTO_ONLY
 NOTICE = {"dagster-taskiq/notice_seconds": "20"}
 
 
-def reconcile_until(deployment: Deployment, run_id: str, status: DagsterRunStatus) -> None:
-    """Tick the reconciliation sensor until the run reaches ``status``."""
+def reconcile_until(
+    deployment: Deployment, run_id: str, status: DagsterRunStatus, event: str = ""
+) -> None:
+    """Tick the reconciliation sensor until the run reaches ``status`` and its engine events
+    hold ``event`` (the worker may end the run before the sensor reads its ack)."""
     resource = TaskiqCancelResource(**deployment.settings.model_dump(exclude_none=True))
 
     def tick() -> bool:
@@ -29,7 +32,9 @@ def reconcile_until(deployment: Deployment, run_id: str, status: DagsterRunStatu
             instance=deployment.instance, resources={"taskiq": resource}
         ) as context:
             cancel_reconciliation_sensor(context)
-        return deployment.status(run_id) == status
+        return deployment.status(run_id) == status and any(
+            event in m for m in deployment.engine_messages(run_id)
+        )
 
     wait_for(tick, 60, f"run {run_id} {status.value} through the sensor", interval=0.2)
 
@@ -84,8 +89,9 @@ def test_cleanup_that_fails_twice_then_succeeds_leaves_the_run_canceled(
     attempts = deployment.markers / f"{run_id}.cleanup"
     wait_for(lambda: attempts.exists() and len(attempts.read_text().split("\n")) > 3, 60, "3 tries")
     assert [line.split()[0] for line in attempts.read_text().splitlines()] == ["1", "2", "3"]
-    reconcile_until(deployment, run_id, DagsterRunStatus.CANCELED)
-    assert any("cancelled" in m for m in deployment.engine_messages(run_id))
+    reconcile_until(deployment, run_id, DagsterRunStatus.CANCELED, "acknowledged the cancel")
+    acked = [m for m in deployment.engine_messages(run_id) if "acknowledged the cancel" in m]
+    assert "cancelled" in acked[0], acked
 
 
 def test_cleanup_that_always_fails_ends_the_run_failure_with_the_error(

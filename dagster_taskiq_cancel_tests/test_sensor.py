@@ -57,14 +57,15 @@ def tick_until(
     sensor: dg.SensorDefinition = cancel_reconciliation_sensor,
     **resource_fields: Any,
 ) -> list[str]:
-    """Evaluate the sensor until ``done()``; each tick long-polls, so this never spins."""
+    """Evaluate the sensor until ``done()``, a tick every 0.2 s at most (a tick does not
+    long-poll by default)."""
     summaries: list[str] = []
 
     def one_tick() -> bool:
         summaries.append(tick(deployment, sensor, **resource_fields))
         return done()
 
-    wait_for(one_tick, timeout, "sensor to reconcile", interval=0)
+    wait_for(one_tick, timeout, "sensor to reconcile", interval=0.2)
     return summaries
 
 

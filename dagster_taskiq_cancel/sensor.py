@@ -379,11 +379,6 @@ def time_out_silent_cancels(
         waited = now - canceling_since(instance, record)
         if waited < timeout or run_id in pending:
             continue
-        if last_call is not None:
-            pending = {*pending, *last_call()}
-            last_call = None
-            if run_id in pending:
-                continue
         run = _still_canceling(instance, run_id)
         if run is None:
             continue
@@ -395,6 +390,12 @@ def time_out_silent_cancels(
                 summary.holder_alive += 1
                 continue
             who = f"the run's task {lost}"
+        if last_call is not None:  # only a tick about to time a run out waits for acks
+            pending = {*pending, *last_call()}
+            last_call = None
+            run = _still_canceling(instance, run_id)
+            if run_id in pending or run is None:
+                continue
         _record(
             instance,
             run,

@@ -19,6 +19,7 @@ sqlite (a file, no server) and MySQL storages are left as Dagster makes them.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from dagster import DagsterInstance
@@ -68,9 +69,12 @@ def _postgres_storages(instance: DagsterInstance) -> list[Any]:
 
 
 def _pooled_engine(url: str, token_provider: Any, size: int) -> Engine:
-    """The engine dagster-postgres makes (its token hook, AUTOCOMMIT), with kept connections."""
-    from dagster_postgres.utils import create_pg_engine
+    """The engine dagster-postgres makes (its token hook, AUTOCOMMIT), with kept connections.
 
+    dagster-postgres made the storage, so it is installed; it is not a dependency of this
+    package (an instance on sqlite needs none), hence the import by name, here only.
+    """
+    create_pg_engine = importlib.import_module("dagster_postgres.utils").create_pg_engine
     return create_pg_engine(
         url,
         token_provider,

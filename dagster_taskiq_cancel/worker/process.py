@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from dagster import DagsterInstance
 from taskiq import AcknowledgeType
@@ -131,14 +132,24 @@ async def _serve(worker: Worker, queues: SyncQueues) -> None:
         await worker.stop_all(failure, late)
         # The stopped tasks end (ack, cleanup) before the loop is torn down.
         await asyncio.wait([receiving], timeout=settings.drain_seconds)
-    late.cancel()
-    signalled.cancel()
-    for task in loops:
-        task.cancel()
-    await asyncio.gather(*loops, signalled, late, return_exceptions=True)
+    await _cancel_until_done({*loops, signalled, late})
     if failure is not None:
         raise WorkerLoopFailed(f"worker {worker.worker_id}: {failure}")
     logger.info("Worker %s stopped", worker.worker_id)
+
+
+async def _cancel_until_done(tasks: set[asyncio.Task[Any]]) -> None:
+    """Cancel the tasks, again every second until each has ended: a cancel that lands while a
+    library call in a loop completes can be swallowed (Python 3.11's ``wait_for``), and that
+    loop would then go on for ever, holding the worker's exit."""
+    pending = tasks
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a loop's own error was reported by ``_failure``
 
 
 def _failure(worker: Worker, loops: Mapping[asyncio.Task[None], str]) -> str | None:

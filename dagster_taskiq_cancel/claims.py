@@ -147,15 +147,18 @@ def sent_key_sql(run_id: db.ColumnElement[str]) -> db.ColumnElement[str]:
 
 
 def parse_sent(value: str) -> Sent:
-    found = json.loads(value)
+    """A ``sent/`` row's value as read by SQL (the poll's join)."""
+    return _sent(json.loads(value))
+
+
+def _sent(found: dict[str, object]) -> Sent:
     return Sent(str(found["task_id"]), float(found["at"]), _text(found.get("queue")))
 
 
 def sent(instance: DagsterInstance, run_ids: Collection[str]) -> dict[str, Sent]:
     """The task last sent for each of ``run_ids`` that has one (one query)."""
-    keys = {sent_key(r): r for r in run_ids}
-    found = instance.run_storage.get_cursor_values(set(keys)) if keys else {}
-    return {keys[key]: parse_sent(value) for key, value in found.items()}
+    values = _read(instance, {sent_key(r): r for r in run_ids})
+    return {run_id: _sent(value) for run_id, value in values.items()}
 
 
 def sent_of(instance: DagsterInstance, run_id: str) -> Sent | None:
